@@ -1,0 +1,36 @@
+# Two entry points, each doing all the set-up on a fresh machine:
+#   make bench   the main job: the fused stitched-linear benchmark comparison on this machine
+#   make test    the test suite (interpreter tests of the Triton kernels and their sm_80/sm_90 compile included)
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+# torch 2.14.1 is the CUDA 13.0 wheel, so the CUDA sources compile and link even without a GPU
+TORCH_SPEC ?= torch==2.14.1
+DEPS := "$(TORCH_SPEC)" "triton>=3.6,<3.10" numpy "pytest>=8" "pytest-benchmark>=4" ninja "setuptools>=64" wheel
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py
+
+.PHONY: all venv build test bench clean
+all: test
+
+$(VENV)/.deps-installed: Makefile pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q $(DEPS)
+	touch $@
+
+venv: $(VENV)/.deps-installed
+
+# Incremental in-place build of esta_kernels._C (ninja reuses objects under build/).
+esta_kernels/.built: $(VENV)/.deps-installed $(SOURCES)
+	$(VPY) setup.py -q build_ext --inplace
+	touch $@
+
+build: esta_kernels/.built
+
+test: build
+	$(VPY) -m pytest -q tests
+
+bench: build
+	$(VPY) bench/compare.py
+
+clean:
+	rm -rf build esta_kernels/_C*.so esta_kernels/.built

@@ -1,0 +1,30 @@
+// Schemas of the esta operators and the (empty) Python module of the extension.
+// Kernels register per device in csrc/cpu/ and csrc/cuda/; fakes and autograd are registered from Python
+// (esta_kernels/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing esta_kernels._C loads this library, which runs the TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(esta, m) {
+  // x (M, K), weight (N, K), bias (N,), lora_a (r, K), lora_b (N, r), stitch_bias (S, N),
+  // stitch_ids int64 of M elements, or of 1 element applied to every row.
+  // Returns y (M, N) in x's dtype and the LoRA intermediate x @ lora_a.T (M, r) in float32
+  // (float64 for float64 inputs); (M, 0) when there is no LoRA.
+  m.def(
+      "stitched_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, "
+      "Tensor? stitch_bias, Tensor? stitch_ids, float scale) -> (Tensor, Tensor)");
+  // Gradients of x, lora_a, lora_b and stitch_bias; output_mask says which to compute (an output not
+  // asked for is returned empty). dx has x's dtype; the three others are float32 (float64 for float64
+  // inputs), cast to their parameters' dtypes by the autograd formula.
+  m.def(
+      "stitched_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, "
+      "Tensor lora_xa, Tensor? stitch_ids, int num_stitches, float scale, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}

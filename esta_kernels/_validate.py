@@ -1,0 +1,121 @@
+"""Argument checks shared by every backend of the stitched linear.
+
+Shape errors raise ValueError, dtype errors TypeError, device mismatches ValueError, and stitch ids
+outside [-1, S) IndexError; every message names the argument.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_tensor(name: str, t, allow_none: bool = True) -> None:
+    if t is None:
+        if not allow_none:
+            raise TypeError(f"stitched_linear: {name} must be a tensor, got None")
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"stitched_linear: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
+def check_stitched_linear_args(x, weight, bias, lora_a, lora_b, stitch_bias, stitch_ids) -> None:
+    """Checks everything that can be checked without reading tensor data (so it traces under compile)."""
+    _check_tensor("x", x, allow_none=False)
+    _check_tensor("weight", weight, allow_none=False)
+    for name, t in (("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b), ("stitch_bias", stitch_bias)):
+        _check_tensor(name, t)
+
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"stitched_linear: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"stitched_linear: x and weight must share one dtype (as in F.linear), got x {x.dtype} "
+            f"and weight {weight.dtype}"
+        )
+    if x.dim() < 1:
+        raise ValueError("stitched_linear: x must have at least one dimension (..., K)")
+    if weight.dim() != 2:
+        raise ValueError(f"stitched_linear: weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"stitched_linear: x's last dimension ({x.shape[-1]}) must equal weight's in_features K ({K})"
+        )
+
+    if bias is not None:
+        if bias.shape != (N,):
+            raise ValueError(f"stitched_linear: bias must have shape ({N},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"stitched_linear: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("stitched_linear: lora_a and lora_b must be given together (or both None)")
+    if lora_a is not None:
+        if lora_a.dim() != 2 or lora_b.dim() != 2:
+            raise ValueError(
+                f"stitched_linear: lora_a must be (r, K) and lora_b (N, r), got {tuple(lora_a.shape)} "
+                f"and {tuple(lora_b.shape)}"
+            )
+        r = lora_a.shape[0]
+        if r < 1:
+            raise ValueError("stitched_linear: the LoRA rank r must be at least 1")
+        if lora_a.shape[1] != K:
+            raise ValueError(
+                f"stitched_linear: lora_a must have shape (r, K) = ({r}, {K}), got {tuple(lora_a.shape)}"
+            )
+        if lora_b.shape != (N, r):
+            raise ValueError(
+                f"stitched_linear: lora_b must have shape (N, r) = ({N}, {r}) to match lora_a's rank, "
+                f"got {tuple(lora_b.shape)}"
+            )
+        for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if t.dtype not in (x.dtype, torch.float32):
+                raise TypeError(f"stitched_linear: {name} must be {x.dtype} or float32, got {t.dtype}")
+
+    if stitch_bias is not None:
+        if stitch_bias.dim() != 2 or stitch_bias.shape[1] != N:
+            raise ValueError(
+                f"stitched_linear: stitch_bias must have shape (S, N) with N = {N}, got {tuple(stitch_bias.shape)}"
+            )
+        if stitch_bias.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"stitched_linear: stitch_bias must be {x.dtype} or float32, got {stitch_bias.dtype}")
+
+    if stitch_ids is not None:
+        if stitch_bias is None:
+            raise ValueError("stitched_linear: stitch_ids were given but stitch_bias is None")
+        if isinstance(stitch_ids, torch.Tensor):
+            if stitch_ids.dtype.is_floating_point or stitch_ids.dtype.is_complex or stitch_ids.dtype == torch.bool:
+                raise TypeError(f"stitched_linear: stitch_ids must be an integer tensor, got {stitch_ids.dtype}")
+            if stitch_ids.dim() != 0 and stitch_ids.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"stitched_linear: stitch_ids must be an int, a 0-d tensor, or have x's leading shape "
+                    f"{tuple(x.shape[:-1])}, got {tuple(stitch_ids.shape)}"
+                )
+        elif isinstance(stitch_ids, bool) or not isinstance(stitch_ids, int):
+            raise TypeError(f"stitched_linear: stitch_ids must be an int or an integer tensor, got {type(stitch_ids).__name__}")
+        else:
+            S = stitch_bias.shape[0]
+            if not -1 <= stitch_ids < S:
+                raise IndexError(f"stitched_linear: stitch id {stitch_ids} is outside [-1, {S}) (S = {S} stitch-bias rows)")
+
+    dev = x.device
+    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
+                    ("stitch_bias", stitch_bias), ("stitch_ids", stitch_ids)):
+        if isinstance(t, torch.Tensor) and t.device != dev:
+            raise ValueError(f"stitched_linear: all tensors must be on one device: x is on {dev}, {name} on {t.device}")
+
+
+def check_ids_range(ids: torch.Tensor, num_stitches: int) -> None:
+    """Reads the ids (a device sync on a GPU) and raises IndexError for any outside [-1, S)."""
+    if ids is None or ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < -1 or hi >= num_stitches:
+        bad = lo if lo < -1 else hi
+        raise IndexError(
+            f"stitched_linear: stitch id {bad} is outside [-1, {num_stitches}) "
+            f"(S = {num_stitches} stitch-bias rows)"
+        )

@@ -1,0 +1,52 @@
+"""Pure-PyTorch reference of every esta op: readable, float64-capable, the oracle of the tests.
+
+`torch_stitched_linear` follows the op contract literally (DESIGN.md, "The op contracts") and is
+differentiable through ordinary autograd. Benchmarks import their naive baseline from here too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def torch_stitched_linear(x, weight, bias=None, lora_a=None, lora_b=None, stitch_bias=None, stitch_ids=None,
+                          *, scale: float = 1.0) -> torch.Tensor:
+    """y = x @ W.T + b + scale * (x @ A.T) @ B.T + stitch_bias[ids], accumulated in float32 (float64 for float64)."""
+    acc = _acc_dtype(x.dtype)
+    y = F.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    if lora_a is not None:
+        xa = x.to(acc) @ lora_a.to(acc).t()
+        y = y + scale * (xa @ lora_b.to(acc).t())
+    if stitch_bias is not None and stitch_ids is not None:
+        S, N = stitch_bias.shape
+        ids = torch.as_tensor(stitch_ids, device=x.device).to(torch.int64)
+        if ids.numel() and not torch.compiler.is_compiling():
+            from esta_kernels._validate import check_ids_range
+
+            check_ids_range(ids, S)
+        ids = ids.expand(x.shape[:-1])
+        # -1 picks an appended row of zeros
+        table = torch.cat([stitch_bias.to(acc), stitch_bias.new_zeros(1, N, dtype=acc)], 0)
+        y = y + table[torch.where(ids < 0, S, ids)]
+    return y.to(x.dtype)
+
+
+def naive_stitched_linear(x, weight, bias=None, lora_a=None, lora_b=None, stitch_bias=None, stitch_ids=None,
+                          *, scale: float = 1.0) -> torch.Tensor:
+    """The unfused composition a user would write: F.linear, two matmuls and an indexed bias, in x's dtype."""
+    y = F.linear(x, weight, bias)
+    if lora_a is not None:
+        y = y + scale * ((x @ lora_a.to(x.dtype).t()) @ lora_b.to(x.dtype).t())
+    if stitch_bias is not None and stitch_ids is not None:
+        if isinstance(stitch_ids, int):
+            if stitch_ids >= 0:
+                y = y + stitch_bias[stitch_ids].to(x.dtype)
+        else:
+            ids = stitch_ids
+            sb = torch.cat([stitch_bias.to(x.dtype), stitch_bias.new_zeros(1, stitch_bias.shape[1], dtype=x.dtype)])
+            y = y + sb[torch.where(ids < 0, stitch_bias.shape[0], ids)]
+    return y

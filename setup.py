@@ -1,0 +1,108 @@
+"""Build script for the esta_kernels._C extension.
+
+Switches (environment variables):
+  ESTA_BUILD_CUDA=auto|0|1   auto (default): build the CUDA sources when torch has CUDA and nvcc is
+                             found; 1: require them; 0: CPU ops only.
+  TORCH_CUDA_ARCH_LIST       CUDA targets, default "8.0;9.0".
+  MAX_JOBS                   parallel compile jobs; default bounded by cores and memory.
+  CUDA_HOME                  CUDA toolkit; default: the folder holding the nvcc on PATH, or /usr/local/cuda.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _resolve_cuda_home():
+    # torch guesses /usr/local when it finds no CUDA runtime, which fails at link time; find the toolkit
+    # from nvcc instead, before torch.utils.cpp_extension reads CUDA_HOME.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.isdir(os.path.join(home, "include")):
+            os.environ["CUDA_HOME"] = home
+            return home
+    return None
+
+
+def _max_jobs():
+    if "MAX_JOBS" in os.environ:
+        return
+    cores = os.cpu_count() or 1
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = 8
+    # one nvcc/cc1plus job on torch headers peaks near 3 GB
+    os.environ["MAX_JOBS"] = str(max(1, min(cores, int(mem_gb // 3))))
+
+
+cuda_home = _resolve_cuda_home()
+_max_jobs()
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+build_cuda_flag = os.environ.get("ESTA_BUILD_CUDA", "auto").lower()
+if build_cuda_flag not in ("auto", "0", "1"):
+    sys.exit(f"ESTA_BUILD_CUDA must be auto, 0 or 1, got {build_cuda_flag!r}")
+torch_has_cuda = torch.version.cuda is not None
+nvcc_found = cuda_home is not None
+if build_cuda_flag == "1" and not (torch_has_cuda and nvcc_found):
+    sys.exit(
+        "ESTA_BUILD_CUDA=1 but "
+        + ("this torch has no CUDA" if not torch_has_cuda else "nvcc was not found (set CUDA_HOME)")
+    )
+build_cuda = build_cuda_flag == "1" or (build_cuda_flag == "auto" and torch_has_cuda and nvcc_found)
+
+cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+
+cxx_flags = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
+if sys.platform == "linux":
+    cxx_flags.append("-DESTA_LINUX")
+extra_link = ["-fopenmp"]
+define_macros = []
+
+if build_cuda:
+    nvcc_flags = [
+        "-O3",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        "-DESTA_WITH_CUDA",
+    ]
+    ext = CUDAExtension(
+        "esta_kernels._C",
+        cpp_sources + cuda_sources,
+        extra_compile_args={"cxx": cxx_flags + ["-DESTA_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=extra_link,
+        define_macros=define_macros,
+    )
+else:
+    ext = CppExtension(
+        "esta_kernels._C",
+        cpp_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=extra_link,
+        define_macros=define_macros,
+    )
+
+print(f"esta: building esta_kernels._C with CUDA={'yes' if build_cuda else 'no'}"
+      f" (ESTA_BUILD_CUDA={build_cuda_flag}, torch CUDA={torch.version.cuda}, CUDA_HOME={cuda_home},"
+      f" TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
