@@ -31,12 +31,18 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
     )
 
 
+# Read once at import: the dispatcher query cannot be traced by torch.compile.
+_HAS_CPU = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("esta::stitched_linear", "CPU")
+_HAS_CUDA = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("esta::stitched_linear", "CUDA")
+
+
 def has_cpu_kernels() -> bool:
-    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("esta::stitched_linear", "CPU")
+    return _HAS_CPU
 
 
 def has_cuda_kernels() -> bool:
-    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("esta::stitched_linear", "CUDA")
+    """Whether the extension was built with CUDA kernels (whether or not a GPU is present)."""
+    return _HAS_CUDA
 
 
 def define_schemas_without_extension() -> None:

@@ -6,7 +6,6 @@ set, replaces `auto`; an explicit backend argument always wins.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -16,8 +15,7 @@ from esta_kernels import _ext
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_installed() -> bool:
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -25,8 +23,18 @@ def triton_installed() -> bool:
     return True
 
 
+# Read once at import (triton itself reads TRITON_INTERPRET when first imported); plain constants also
+# keep backend resolution traceable by torch.compile.
+_HAS_TRITON = _probe_triton()
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_installed() -> bool:
+    return _HAS_TRITON
+
+
 def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _TRITON_INTERPRET
 
 
 def available_backends() -> list:
