@@ -1,0 +1,1 @@
+"""Triton kernels of esta (the `triton` backend). Importing this package does not import triton."""
