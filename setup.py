@@ -28,7 +28,10 @@ def _resolve_cuda_home():
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates.append("/usr/local/cuda")
     for home in candidates:
-        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.isdir(os.path.join(home, "include")):
+        # a wrapper script on PATH (e.g. /usr/local/bin/nvcc) does not make /usr/local a toolkit
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
             os.environ["CUDA_HOME"] = home
             return home
     return None

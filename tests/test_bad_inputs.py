@@ -137,3 +137,30 @@ def test_env_override(monkeypatch):
     monkeypatch.setenv("ESTA_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="ESTA_BACKEND='nonsense'"):
         esta_kernels.resolve_backend("auto", torch.device("cpu"))
+
+
+def test_id_range_is_read_once_per_ids_tensor(monkeypatch):
+    """The GPU backends validate ids with a device read; layers sharing one ids tensor pay for it once,
+    and an in-place write to the ids makes the next call read them again."""
+    from esta_kernels import _validate
+
+    reads = []
+    real = torch.aminmax
+    monkeypatch.setattr(_validate.torch, "aminmax", lambda t: reads.append(1) or real(t))
+    ids = torch.randint(-1, 4, (9,))
+    flat = _validate.flat_ids(ids)
+    assert _validate.flat_ids(ids) is flat
+    for _ in range(3):
+        _validate.check_ids_range(_validate.flat_ids(ids), 4)
+    assert len(reads) == 1
+    ids[3] = 7  # written in place: the memo must not vouch for it any more
+    held = _validate.flat_ids(ids)  # as autograd holds the ids it saved for backward
+    with pytest.raises(IndexError, match=r"stitch id 7 is outside \[-1, 4\)"):
+        _validate.check_ids_range(held, 4)
+    assert len(reads) == 2
+    with pytest.raises(IndexError, match=r"outside \[-1, 3\)"):
+        _validate.check_ids_range(_validate.flat_ids(ids), 3)  # a known range is still checked against S
+    known = torch.full((1,), 2)
+    _validate.remember_ids_range(known, 2, 2)
+    _validate.check_ids_range(known, 3)
+    assert len(reads) == 2

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import esta_kernels
+from esta_kernels._validate import remember_ids_range
 from esta_kernels.backends import BACKENDS
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -213,6 +214,7 @@ class StitchedLinear(nn.Linear):
             return
         stitch_id = self._check_stitch_id(value, "stitch_ids")
         self._stitch_id.fill_(stitch_id)
+        self.__dict__["_id_value"] = (stitch_id, self._stitch_id._version)
         self._row_stitch_ids = None
 
     def _check_stitch_id(self, value, what: str) -> int:
@@ -244,14 +246,30 @@ class StitchedLinear(nn.Linear):
                         f"StitchedLinear: stitch_ids are on {ids.device} but the input is on {x.device}; "
                         f"set stitch_ids to a tensor on {x.device}"
                     )
-            else:
+            elif torch.compiler.is_compiling():
                 # A copy, because the op saves its ids for backward and the setter updates the buffer in
                 # place: switching stitches between two forwards and one backward must stay legal.
                 ids = self._stitch_id.clone()
+            else:
+                ids = self._id_snapshot()
         return esta_kernels.stitched_linear(
             x, self.weight, self.bias, self.lora_a, self.lora_b, self.stitch_bias, ids,
             scale=self.scale, backend=self.backend,
         )
+
+    def _id_snapshot(self) -> Tensor:
+        """A copy of the id buffer, made once per stitch switch rather than once per call, with its range
+        (checked by the setter) recorded, so the GPU backends need no device read to validate it."""
+        snap = self.__dict__.get("_id_snap")
+        buf = self._stitch_id
+        if snap is None or snap[1] != buf._version or snap[0].device != buf.device:
+            copy = buf.clone()
+            value = self.__dict__.get("_id_value")
+            if value is not None and value[1] == buf._version:  # the setter wrote the buffer last
+                remember_ids_range(copy, value[0], value[0])
+            snap = (copy, buf._version)
+            self.__dict__["_id_snap"] = snap
+        return snap[0]
 
     # -------------------------------------------------------------------------------------- deploying
     @torch.no_grad()
