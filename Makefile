@@ -19,6 +19,11 @@ $(VENV)/.deps-installed: Makefile pyproject.toml
 
 venv: $(VENV)/.deps-installed
 
+# the benchmark's PEFT baseline (pyproject's `bench` extra)
+$(VENV)/.bench-deps-installed: $(VENV)/.deps-installed
+	$(VPY) -m pip install -q "peft>=0.11"
+	touch $@
+
 # Incremental in-place build of esta_kernels._C (ninja reuses objects under build/).
 esta_kernels/.built: $(VENV)/.deps-installed $(SOURCES)
 	$(VPY) setup.py -q build_ext --inplace
@@ -29,7 +34,7 @@ build: esta_kernels/.built
 test: build
 	$(VPY) -m pytest -q tests
 
-bench: build
+bench: build $(VENV)/.bench-deps-installed
 	$(VPY) bench/compare.py
 
 clean:

@@ -7,13 +7,15 @@
 // xa[m] @ (scale * B).T; then one BLAS GEMM adds x @ W.T onto y with beta = 1, the way addmm adds a bias.
 // So y is written once by the pass and once by the GEMM, as F.linear writes it, and no (M, N) tensor
 // exists besides y.
-// Backward: g = scale * dy @ B (M, r); dx = g @ A, then the big GEMM adds dy @ W onto it (beta = 1);
-// d lora_a = g.T @ x and d lora_b = scale * (xa.T @ dy).T are small GEMMs; d stitch_bias is a per-stitch
-// column sum that each thread computes for its own block of columns, walking the rows in order, so the
-// result is deterministic and does not depend on the thread count. No (M, N) temporary.
+// Backward: one parallel pass reads dy once, in memory order, and gives g = scale * dy @ B (M, r),
+// d lora_b = scale * (xa.T @ dy).T and d stitch_bias (the per-stitch sums of dy rows); the last two are
+// summed over fixed chunks of rows whose partials are added in chunk order, so they are deterministic and
+// do not depend on the thread count. Then dx = g @ A, onto which the big GEMM adds dy @ W (beta = 1), and
+// d lora_a = g.T @ x. No (M, N) temporary.
 //
-// float32/float64 are the fast path (accumulation in the input type). float16/bfloat16 run the big GEMMs
-// in the half type, as F.linear does, and the rest in float32 on row blocks (bounded float32 buffers).
+// float32/float64 are the fast path (accumulation in the input type); its loops are built for AVX-512,
+// AVX2 and baseline vectors, picked at run time. float16/bfloat16 run the big GEMMs in the half type, as
+// F.linear does, and the rest in float32 on row blocks (bounded float32 buffers).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,15 +24,6 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
-#include <vector>
-
-// The extension is compiled for the baseline x86-64 ISA (SSE2); function clones let the loader pick an
-// AVX2/AVX-512 build of the simple loops at run time.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(__APPLE__)
-#define ESTA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ESTA_VECTOR_CLONES
-#endif
 
 #if defined(__GNUC__)
 #define ESTA_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -148,8 +141,7 @@ Tensor check_ids(const char* op, const Tensor& ids, int64_t M, int64_t S) {
 
 // -------------------------------------------------------------------------------- forward per-row terms
 
-// y[i, :] = table[row(i), :] + sum_j xa[i, j] * sbt[j, :] for `rows` rows of y (row stride N), where
-// row(i) is ids[i * ids_stride], or default_row for a negative id or no ids.
+// The table row of row i: ids[i * ids_stride], or default_row for a negative id or no ids.
 template <typename T>
 ESTA_ALWAYS_INLINE const T* table_row(const T* table, int64_t N, const int64_t* ids, int64_t ids_stride,
                                       int64_t default_row, int64_t i) {
@@ -157,17 +149,19 @@ ESTA_ALWAYS_INLINE const T* table_row(const T* table, int64_t N, const int64_t* 
   return table + (s < 0 ? default_row : s) * N;
 }
 
-template <typename T, int kTileRows>
+// y[i, :] = table[row(i), :] + sum_j xa[i, j] * sbt[j, :] for `rows` rows of y (row stride N).
+template <typename T, int kTileRows, int kVecBytes>
 ESTA_ALWAYS_INLINE void rows_update_impl(T* y, int64_t rows, int64_t N, const T* table, const int64_t* ids,
                                          int64_t ids_stride, int64_t default_row, const T* xa, const T* sbt,
                                          int64_t r) {
   int64_t n_vec = 0;
 #if defined(__GNUC__)
-  // Per row, four 64-byte vectors of accumulators stay in registers across the r updates (explicit vectors:
-  // auto-vectorized, GCC kept them on the stack); kTileRows rows share each load of sbt. Columns are the
-  // outer loop, so the (r, chunk) slice of sbt stays in L1 while every row of the block reuses it.
-  typedef T V __attribute__((vector_size(64), aligned(sizeof(T))));
-  constexpr int64_t kLanes = 64 / sizeof(T);
+  // Per row, four vectors of accumulators (kVecBytes: the register width) stay in registers across the r
+  // updates (explicit vectors: auto-vectorized, GCC kept them on the stack); kTileRows rows share each load
+  // of sbt. Columns are the outer loop, so the (r, chunk) slice of sbt stays in L1 while every row of the
+  // block reuses it.
+  typedef T V __attribute__((vector_size(kVecBytes), aligned(sizeof(T))));
+  constexpr int64_t kLanes = kVecBytes / sizeof(T);
   constexpr int64_t kChunk = 4 * kLanes;
   n_vec = N / kChunk * kChunk;
   for (int64_t n0 = 0; n0 < n_vec; n0 += kChunk) {
@@ -222,7 +216,8 @@ ESTA_ALWAYS_INLINE void rows_update_impl(T* y, int64_t rows, int64_t N, const T*
 }
 
 // Builds of the kernel for the vector units found at run time (the extension is compiled for baseline
-// x86-64): AVX-512 has 32 registers, room for two rows of accumulators; AVX2 has 16, room for one.
+// x86-64), each with vectors of the register width: two rows of four accumulators fit the 16 registers of
+// SSE2/AVX2 and the 32 of AVX-512.
 #define ESTA_ROWS_UPDATE_ARGS(T)                                                                          \
   T *y, int64_t rows, int64_t N, const T *table, const int64_t *ids, int64_t ids_stride, int64_t default_row, \
       const T *xa, const T *sbt, int64_t r
@@ -232,26 +227,32 @@ ESTA_ALWAYS_INLINE void rows_update_impl(T* y, int64_t rows, int64_t N, const T*
 #define ESTA_X86_DISPATCH 1
 template <typename T>
 __attribute__((target("avx512f"))) void rows_update_avx512(ESTA_ROWS_UPDATE_ARGS(T)) {
-  rows_update_impl<T, 2>(ESTA_ROWS_UPDATE_PASS);
+  rows_update_impl<T, 2, 64>(ESTA_ROWS_UPDATE_PASS);
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void rows_update_avx2(ESTA_ROWS_UPDATE_ARGS(T)) {
-  rows_update_impl<T, 1>(ESTA_ROWS_UPDATE_PASS);
+  rows_update_impl<T, 2, 32>(ESTA_ROWS_UPDATE_PASS);
 }
 #else
 #define ESTA_X86_DISPATCH 0
 #endif
 
+#if ESTA_X86_DISPATCH
+// 2: AVX-512, 1: AVX2 with FMA, 0: neither (baseline SSE2 builds).
+int cpu_vector_level() {
+  if (__builtin_cpu_supports("avx512f")) return 2;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+}
+#endif
+
 template <typename T>
 void rows_update(ESTA_ROWS_UPDATE_ARGS(T)) {
 #if ESTA_X86_DISPATCH
-  static const int isa = __builtin_cpu_supports("avx512f")                                  ? 2
-                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
-                                                                                           : 0;
+  static const int isa = cpu_vector_level();
   if (isa == 2) return rows_update_avx512<T>(ESTA_ROWS_UPDATE_PASS);
   if (isa == 1) return rows_update_avx2<T>(ESTA_ROWS_UPDATE_PASS);
 #endif
-  rows_update_impl<T, 1>(ESTA_ROWS_UPDATE_PASS);
+  rows_update_impl<T, 2, 16>(ESTA_ROWS_UPDATE_PASS);
 }
 
 // One parallel pass over the rows of y (row-major, M x N, in the accumulation type) that writes the
@@ -275,56 +276,241 @@ void run_rows_update(Tensor& y, const Tensor& table, const Tensor& ids, int64_t 
   });
 }
 
-// ------------------------------------------------------------------------------- stitch-bias column sum
+// ------------------------------------------------------------------------- backward: one pass over dy
 
-// acc[id(m), c0:c1] += dy[m, c0:c1] for every row m in order (row stride ld); negative ids skip the row.
-template <typename T, typename A>
-ESTA_ALWAYS_INLINE void stitch_colsum_impl(A* acc, int64_t N, const T* dy, int64_t ld, int64_t M,
-                                           const int64_t* ids, int64_t ids_stride, int64_t c0, int64_t c1) {
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t s = ids[m * ids_stride];
-    if (s < 0) continue;
-    A* out = acc + s * N;
-    const T* in = dy + m * ld;
-    for (int64_t c = c0; c < c1; ++c) out[c] += static_cast<A>(in[c]);
+// An unaligned vector load (a macro: lambdas do not inherit the target attribute of the kernel builds).
+#define ESTA_LOADV(p) (*reinterpret_cast<const V*>(p))
+
+// For the rows [m0, m1) of dy (row stride ld, unit column stride), each optional:
+//   g[m, j] = sum_n dy[m, n] * bst[j, n]                       (bst = scale * B.T, (r, N): g = scale * dy @ B)
+//   dbt[j, n] += sum_m xa[m, j] * dy[m, n]                     (this chunk's part of xa.T @ dy, zeroed first)
+//   ds[s, n] += sum of dy[m, n] over the rows m whose id is s  (this chunk's part of d stitch_bias; -1 skips)
+// The sums into dbt and ds run over the rows in order. dy is read once, in memory order.
+template <typename T, int kVecBytes>
+ESTA_ALWAYS_INLINE void dy_rows_impl(const T* __restrict dy, int64_t ld, int64_t m0, int64_t m1, int64_t N,
+                                     int64_t r, const T* __restrict bst, T* __restrict g, const T* __restrict xa,
+                                     T* __restrict dbt, const int64_t* ids, int64_t ids_stride, T* __restrict ds) {
+  int64_t nv = 0;  // columns covered by whole vectors; the rest are summed by scalar loops
+#if defined(__GNUC__)
+  typedef T V __attribute__((vector_size(kVecBytes), aligned(sizeof(T))));
+  constexpr int64_t kLanes = kVecBytes / sizeof(T);
+  constexpr int kJ = 8;     // accumulators of g (one per rank of a group), in registers across a row
+  constexpr int kRows = 8;  // rows of dy held in registers while each dbt vector is updated once
+  nv = N / kLanes * kLanes;
+#endif
+  for (int64_t t0 = m0; t0 < m1;) {
+    int64_t t1 = std::min(m1, t0 + 8);
+    if (g != nullptr) {
+      for (int64_t m = t0; m < t1; ++m) {
+        const T* d = dy + m * ld;
+        int64_t j0 = 0;
+#if defined(__GNUC__)
+        for (; j0 + kJ <= r; j0 += kJ) {
+          V acc[kJ];
+          for (int q = 0; q < kJ; ++q) acc[q] = V{};
+          for (int64_t c = 0; c < nv; c += kLanes) {
+            const V dv = ESTA_LOADV(d + c);
+            for (int q = 0; q < kJ; ++q) acc[q] += dv * ESTA_LOADV(bst + (j0 + q) * N + c);
+          }
+          for (int q = 0; q < kJ; ++q) {
+            T sum = T(0);
+            for (int64_t l = 0; l < kLanes; ++l) sum += acc[q][l];
+            for (int64_t c = nv; c < N; ++c) sum += d[c] * bst[(j0 + q) * N + c];
+            g[m * r + j0 + q] = sum;
+          }
+        }
+#endif
+        for (; j0 < r; ++j0) {  // ranks past the last full group
+          T sum = T(0);
+          for (int64_t c = 0; c < N; ++c) sum += d[c] * bst[j0 * N + c];
+          g[m * r + j0] = sum;
+        }
+      }
+    }
+    if (dbt != nullptr) {
+      int64_t m = t0;
+#if defined(__GNUC__)
+      if (t1 - t0 == kRows) {
+        for (int64_t c = 0; c < nv; c += kLanes) {
+          V dv[kRows];
+          for (int q = 0; q < kRows; ++q) dv[q] = ESTA_LOADV(dy + (t0 + q) * ld + c);
+          for (int64_t j = 0; j < r; ++j) {
+            V acc = ESTA_LOADV(dbt + j * N + c);
+            for (int q = 0; q < kRows; ++q) acc += (V{} + xa[(t0 + q) * r + j]) * dv[q];
+            *reinterpret_cast<V*>(dbt + j * N + c) = acc;
+          }
+        }
+        for (int q = 0; q < kRows && nv < N; ++q) {
+          for (int64_t j = 0; j < r; ++j) {
+            const T x = xa[(t0 + q) * r + j];
+            for (int64_t c = nv; c < N; ++c) dbt[j * N + c] += x * dy[(t0 + q) * ld + c];
+          }
+        }
+        m = t1;
+      }
+#endif
+      for (; m < t1; ++m) {  // a last, short group of rows (every row without vector extensions)
+        for (int64_t j = 0; j < r; ++j) {
+          const T x = xa[m * r + j];
+          for (int64_t c = 0; c < N; ++c) dbt[j * N + c] += x * dy[m * ld + c];
+        }
+      }
+    }
+    if (ds != nullptr) {
+      for (int64_t m = t0; m < t1; ++m) {
+        const int64_t s = ids[m * ids_stride];
+        if (s < 0) continue;
+        for (int64_t c = 0; c < N; ++c) ds[s * N + c] += dy[m * ld + c];
+      }
+    }
+    t0 = t1;
   }
 }
 
-ESTA_VECTOR_CLONES
-void stitch_colsum(float* acc, int64_t N, const float* dy, int64_t ld, int64_t M, const int64_t* ids,
-                   int64_t ids_stride, int64_t c0, int64_t c1) {
-  stitch_colsum_impl(acc, N, dy, ld, M, ids, ids_stride, c0, c1);
-}
+#undef ESTA_LOADV
 
-ESTA_VECTOR_CLONES
-void stitch_colsum(double* acc, int64_t N, const double* dy, int64_t ld, int64_t M, const int64_t* ids,
-                   int64_t ids_stride, int64_t c0, int64_t c1) {
-  stitch_colsum_impl(acc, N, dy, ld, M, ids, ids_stride, c0, c1);
+#define ESTA_DY_ROWS_ARGS(T)                                                                               \
+  const T *dy, int64_t ld, int64_t m0, int64_t m1, int64_t N, int64_t r, const T *bst, T *g, const T *xa, \
+      T *dbt, const int64_t *ids, int64_t ids_stride, T *ds
+#define ESTA_DY_ROWS_PASS dy, ld, m0, m1, N, r, bst, g, xa, dbt, ids, ids_stride, ds
+
+#if ESTA_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx512f"))) void dy_rows_avx512(ESTA_DY_ROWS_ARGS(T)) {
+  dy_rows_impl<T, 64>(ESTA_DY_ROWS_PASS);
 }
+template <typename T>
+__attribute__((target("avx2,fma"))) void dy_rows_avx2(ESTA_DY_ROWS_ARGS(T)) {
+  dy_rows_impl<T, 32>(ESTA_DY_ROWS_PASS);
+}
+#endif
 
 template <typename T>
-void stitch_colsum(float* acc, int64_t N, const T* dy, int64_t ld, int64_t M, const int64_t* ids,
-                   int64_t ids_stride, int64_t c0, int64_t c1) {
-  stitch_colsum_impl(acc, N, dy, ld, M, ids, ids_stride, c0, c1);
+void dy_rows(ESTA_DY_ROWS_ARGS(T)) {
+#if ESTA_X86_DISPATCH
+  static const int isa = cpu_vector_level();
+  if (isa == 2) return dy_rows_avx512<T>(ESTA_DY_ROWS_PASS);
+  if (isa == 1) return dy_rows_avx2<T>(ESTA_DY_ROWS_PASS);
+#endif
+  dy_rows_impl<T, 16>(ESTA_DY_ROWS_PASS);
 }
 
-// d_stitch_bias (S, N) accumulator-typed, zero-filled; dy has unit column stride.
-template <typename scalar_t>
-void run_stitch_colsum(Tensor& dsb, const Tensor& dy, const Tensor& ids) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t M = dy.size(0), N = dy.size(1);
-  acc_t* acc = dsb.mutable_data_ptr<acc_t>();
-  const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
-  const int64_t ld = dy.stride(0);
+// float32/float64: one parallel pass over dy (unit column stride) that writes, each when defined,
+// g = scale * dy @ B (M, r), db = scale * (xa.T @ dy).T (N, r) and ds (S, N), the per-stitch sums of dy rows.
+// Threads take fixed chunks of rows (their sizes depend on M only), each writing its own partial dbt and
+// ds; a second short pass adds the partials in chunk order. So db and ds do not depend on the number of
+// threads, and the partials stay small: at most 64 chunks of (r + S, N).
+template <typename T>
+void run_dy_rows(const Tensor& dy, const Tensor& bst, Tensor& g, const Tensor& xa, Tensor& db, const Tensor& ids,
+                 Tensor& ds, double scale) {
+  const int64_t M = dy.size(0), N = dy.size(1), ld = dy.stride(0);
+  const int64_t r_g = g.defined() ? g.size(1) : 0;
+  const int64_t r_b = db.defined() ? db.size(1) : 0;
+  const int64_t r = std::max(r_g, r_b);
+  const int64_t S = ds.defined() ? ds.size(0) : 0;
+  const int64_t parts_rows = r_b + S;
+  const int64_t chunk = std::max<int64_t>(1024, (M + 63) / 64 + 7) / 8 * 8;
+  const int64_t n_chunks = (M + chunk - 1) / chunk;
+  Tensor parts = at::empty({parts_rows > 0 ? n_chunks : 0, parts_rows, N}, dy.options());
+  const T* dy_ptr = dy.const_data_ptr<T>();
+  const T* bst_ptr = r_g > 0 ? bst.const_data_ptr<T>() : nullptr;
+  T* g_ptr = r_g > 0 ? g.mutable_data_ptr<T>() : nullptr;
+  const T* xa_ptr = r_b > 0 ? xa.const_data_ptr<T>() : nullptr;
+  T* parts_ptr = parts_rows > 0 ? parts.mutable_data_ptr<T>() : nullptr;
+  const int64_t* ids_ptr = S > 0 ? ids.const_data_ptr<int64_t>() : nullptr;
+  const int64_t ids_stride = S > 0 && ids.numel() == M ? 1 : 0;
+  parallel_blocks(n_chunks, [&](int64_t i) {
+    T* part = parts_ptr == nullptr ? nullptr : parts_ptr + i * parts_rows * N;
+    if (part != nullptr) std::fill(part, part + parts_rows * N, T(0));
+    dy_rows<T>(dy_ptr, ld, i * chunk, std::min(M, (i + 1) * chunk), N, r, bst_ptr, g_ptr, xa_ptr,
+               r_b > 0 ? part : nullptr, ids_ptr, ids_stride, S > 0 ? part + r_b * N : nullptr);
+  });
+  if (parts_rows == 0) return;
+  // Sum the partials in chunk order, by blocks of columns.
+  T* db_ptr = r_b > 0 ? db.mutable_data_ptr<T>() : nullptr;
+  T* ds_ptr = S > 0 ? ds.mutable_data_ptr<T>() : nullptr;
+  constexpr int64_t kCols = 256;
+  parallel_blocks((N + kCols - 1) / kCols, [&](int64_t i) {
+    const int64_t c0 = i * kCols, c1 = std::min(N, c0 + kCols);
+    T sum[kCols];
+    for (int64_t k = 0; k < parts_rows; ++k) {
+      for (int64_t c = c0; c < c1; ++c) sum[c - c0] = T(0);
+      for (int64_t p = 0; p < n_chunks; ++p) {
+        const T* src = parts_ptr + (p * parts_rows + k) * N;
+        for (int64_t c = c0; c < c1; ++c) sum[c - c0] += src[c];
+      }
+      if (k < r_b) {
+        for (int64_t c = c0; c < c1; ++c) db_ptr[c * r_b + k] = static_cast<T>(scale) * sum[c - c0];
+      } else {
+        for (int64_t c = c0; c < c1; ++c) ds_ptr[(k - r_b) * N + c] = sum[c - c0];
+      }
+    }
+  });
+}
+
+// Half types: ds (S, N) in float32, the per-stitch sums of dy rows, one pass in which every thread takes
+// whole blocks of columns and walks the rows in order (so ds does not depend on the number of threads).
+template <typename T>
+void run_stitch_sums_half(const Tensor& dy, const Tensor& ids, Tensor& ds) {
+  const int64_t M = dy.size(0), N = dy.size(1), S = ds.size(0), ld = dy.stride(0);
+  const T* dy_ptr = dy.const_data_ptr<T>();
+  float* ds_ptr = ds.mutable_data_ptr<float>();
   const int64_t* ids_ptr = ids.const_data_ptr<int64_t>();
   const int64_t ids_stride = ids.numel() == M ? 1 : 0;
-  // Every element of the result is summed by one thread, over the rows in order, whatever the blocks, so
-  // the result does not depend on the number of threads. About four column blocks per thread, each at
-  // least 64 columns wide (long contiguous runs of each row of dy).
   const int64_t cols = std::max<int64_t>(64, (N / (4 * at::get_num_threads()) + 15) / 16 * 16);
   parallel_blocks((N + cols - 1) / cols, [&](int64_t i) {
-    stitch_colsum(acc, N, dy_ptr, ld, M, ids_ptr, ids_stride, i * cols, std::min(N, (i + 1) * cols));
+    const int64_t c0 = i * cols, c1 = std::min(N, c0 + cols);
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t c = c0; c < c1; ++c) ds_ptr[s * N + c] = 0.f;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t s = ids_ptr[m * ids_stride];
+      if (s < 0) continue;
+      for (int64_t c = c0; c < c1; ++c) ds_ptr[s * N + c] += static_cast<float>(dy_ptr[m * ld + c]);
+    }
   });
+}
+
+// Reads element (i, j) of a small 1-D (i ignored) or 2-D float tensor of any supported dtype and strides.
+template <typename acc_t>
+struct SmallReader {
+  const char* data;
+  int64_t s0, s1;
+  at::ScalarType dtype;
+  explicit SmallReader(const Tensor& t)
+      : data(static_cast<const char*>(t.const_data_ptr())),
+        s0(t.dim() == 2 ? t.stride(0) : 0),
+        s1(t.stride(t.dim() - 1)),
+        dtype(t.scalar_type()) {}
+  acc_t operator()(int64_t i, int64_t j) const {
+    const int64_t k = i * s0 + j * s1;
+    switch (dtype) {
+      case at::kDouble: return static_cast<acc_t>(reinterpret_cast<const double*>(data)[k]);
+      case at::kFloat: return static_cast<acc_t>(reinterpret_cast<const float*>(data)[k]);
+      case at::kHalf: return static_cast<acc_t>(reinterpret_cast<const at::Half*>(data)[k]);
+      default: return static_cast<acc_t>(reinterpret_cast<const at::BFloat16*>(data)[k]);
+    }
+  }
+};
+
+// table (S + 1, N) or (1, N): rows s < S hold bias + stitch_bias[s], the last row bias alone (zeros without
+// a bias). A plain serial loop: the table is small, and ATen would run a parallel region for each of a
+// zeros/copy_/add_ on it, each costing a scheduler time slice when the other core is busy.
+template <typename acc_t>
+void fill_table(Tensor& table, const c10::optional<Tensor>& bias, const Tensor& stitch_bias) {
+  const int64_t rows = table.size(0), N = table.size(1);
+  acc_t* out = table.mutable_data_ptr<acc_t>();
+  for (int64_t n = 0; n < N; ++n) out[(rows - 1) * N + n] = acc_t(0);
+  if (bias.has_value()) {
+    const SmallReader<acc_t> rb(*bias);
+    for (int64_t n = 0; n < N; ++n) out[(rows - 1) * N + n] = rb(0, n);
+  }
+  if (stitch_bias.defined()) {
+    const SmallReader<acc_t> rs(stitch_bias);
+    for (int64_t s = 0; s + 1 < rows; ++s) {
+      for (int64_t n = 0; n < N; ++n) out[s * N + n] = rs(s, n) + out[(rows - 1) * N + n];
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------- forward
@@ -372,9 +558,10 @@ std::tuple<Tensor, Tensor> stitched_linear_cpu(const Tensor& x, const Tensor& we
     return {y, xa};
   }
   // table rows 0..S-1: bias + stitch_bias[s]; the last row: bias alone (id -1 or no ids).
-  Tensor table = at::zeros({use_stitch ? S + 1 : 1, N}, opts.dtype(acc));
-  if (use_stitch) table.narrow(0, 0, S).copy_(*stitch_bias);
-  if (bias.has_value()) table.add_(bias->to(acc));
+  Tensor table = at::empty({use_stitch ? S + 1 : 1, N}, opts.dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "esta_stitch_table", [&] {
+    fill_table<scalar_t>(table, bias, use_stitch ? *stitch_bias : Tensor());
+  });
   const int64_t default_row = table.size(0) - 1;
   Tensor a, sbt;
   if (r > 0) {
@@ -447,19 +634,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stitched_linear_backward_cpu(
   Tensor dx = want_dx ? at::empty({M, K}, opts) : at::empty({0}, opts);
   Tensor da = want_da ? at::empty({r, K}, acc_opts) : at::empty({0}, acc_opts);
   Tensor db = want_db ? at::empty({N, r}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor ds = want_ds ? at::zeros({num_stitches, N}, acc_opts) : at::empty({0}, acc_opts);
+  // d_stitch_bias is written whole by the pass over dy (or zeroed, without ids).
+  Tensor ds = want_ds ? at::empty({num_stitches, N}, acc_opts) : at::empty({0}, acc_opts);
 
   const bool half = is_half_type(dt);
   const bool need_g = r > 0 && (want_dx || want_da);
   Tensor a = r > 0 ? lora_a->to(acc) : Tensor();
   Tensor b_scaled = r > 0 ? lora_b->to(acc) * scale : Tensor();
 
+  const bool sum_ds = want_ds && ids.defined() && M > 0 && ds.numel() > 0;
+  if (want_ds && !sum_ds) ds.zero_();
+  // The passes over dy read rows with unit column stride (the autograd formula passes a contiguous dy;
+  // anything else is copied once).
+  auto unit_stride_dy = [&] { return grad_y.stride(1) == 1 ? grad_y : grad_y.contiguous(); };
+
   if (!half) {
-    Tensor g;
-    if (need_g) g = at::mm(grad_y, b_scaled);
+    // One pass over dy gives g, db and ds; then dx = g @ A, onto which the big GEMM adds dy @ W (beta = 1),
+    // one pass over dx fewer than adding g @ A afterwards.
+    Tensor g = need_g ? at::empty({M, r}, acc_opts) : Tensor();
+    Tensor db_out = want_db ? db : Tensor();
+    Tensor ds_out = sum_ds ? ds : Tensor();
+    if (M == 0) {
+      if (want_db) db.zero_();
+    } else if (need_g || want_db || sum_ds) {
+      Tensor bst = need_g ? b_scaled.t().contiguous() : Tensor();
+      Tensor xa = want_db ? lora_xa.contiguous() : Tensor();
+      AT_DISPATCH_FLOATING_TYPES(dt, "esta_stitched_linear_dy_pass", [&] {
+        run_dy_rows<scalar_t>(unit_stride_dy(), bst, g, xa, db_out, ids, ds_out, scale);
+      });
+    }
     if (want_dx) {
-      // The rank-r term is written first and the big GEMM adds onto it (beta = 1): one pass over dx fewer
-      // than adding g @ A afterwards.
       if (need_g) {
         at::mm_out(dx, g, a);
         dx.addmm_(grad_y, weight);
@@ -468,12 +672,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stitched_linear_backward_cpu(
       }
     }
     if (want_da) at::mm_out(da, g.t(), x);
-    if (want_db) {
-      // (xa.T @ dy).T: MKL runs this orientation faster than dy.T @ xa; the output is a transposed view of db.
-      Tensor db_t = db.t();
-      at::mm_out(db_t, lora_xa.t(), grad_y);
-      db.mul_(scale);
-    }
   } else {
     // Half types: the big GEMM dy @ W runs in the half type (as in F.linear's backward); the LoRA terms
     // run in float32 on row blocks of dy converted to float32 (a bounded buffer, never (M, N)).
@@ -496,14 +694,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stitched_linear_backward_cpu(
       }
       if (want_db) db.mul_(scale);
     }
-  }
-
-  if (want_ds && ids.defined() && M > 0 && num_stitches > 0 && N > 0) {
-    // The column-sum kernel reads rows with unit column stride (the autograd formula passes contiguous dy).
-    Tensor dy = grad_y.stride(1) == 1 ? grad_y : grad_y.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "esta_stitch_bias_grad", [&] {
-      run_stitch_colsum<scalar_t>(ds, dy, ids);
-    });
+    if (sum_ds) {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "esta_stitch_bias_grad", [&] {
+        run_stitch_sums_half<scalar_t>(unit_stride_dy(), ids, ds);
+      });
+    }
   }
   return {dx, da, db, ds};
 }
