@@ -52,6 +52,24 @@ void check_param_dtype(const char* op, const char* name, const Tensor& t, const 
 }
 
 // The tensor cores' bfloat16 path and cp.async need sm_80; the kernels are built for sm_80 and sm_90.
+// Checks lora_a (r, K) and lora_b (N, r) (both or neither) and returns r (0 without LoRA).
+int64_t check_lora(const char* op, const std::optional<Tensor>& lora_a, const std::optional<Tensor>& lora_b,
+                   const Tensor& x, int64_t K, int64_t N) {
+  TORCH_CHECK_VALUE(lora_a.has_value() == lora_b.has_value(), op,
+                    ": lora_a and lora_b must be given together (or both None)");
+  if (!lora_a) return 0;
+  const int64_t r = lora_a->size(0);
+  check_on_device(op, "lora_a", *lora_a, x);
+  check_on_device(op, "lora_b", *lora_b, x);
+  TORCH_CHECK_VALUE(lora_a->dim() == 2 && lora_a->size(1) == K && r >= 1, op,
+                    ": lora_a must be (r, K) with r >= 1 and K = ", K, ", got ", lora_a->sizes());
+  TORCH_CHECK_VALUE(lora_b->dim() == 2 && lora_b->size(0) == N && lora_b->size(1) == r, op,
+                    ": lora_b must be (N, r) = (", N, ", ", r, "), got ", lora_b->sizes());
+  check_param_dtype(op, "lora_a", *lora_a, x);
+  check_param_dtype(op, "lora_b", *lora_b, x);
+  return r;
+}
+
 void check_capability(const char* op, c10::DeviceIndex device) {
   static std::array<int, 64> major_of{};  // 0 = not asked yet; devices are few and their capability fixed
   int major = device < 64 ? major_of[device] : 0;
@@ -120,19 +138,7 @@ std::tuple<Tensor, Tensor> stitched_linear_cuda(const Tensor& x, const Tensor& w
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), kFwd, ": bias must be ", x.scalar_type(), ", got ",
                      bias->scalar_type());
   }
-  TORCH_CHECK_VALUE(lora_a.has_value() == lora_b.has_value(), kFwd,
-                    ": lora_a and lora_b must be given together (or both None)");
-  const int64_t r = lora_a ? lora_a->size(0) : 0;
-  if (lora_a) {
-    check_on_device(kFwd, "lora_a", *lora_a, x);
-    check_on_device(kFwd, "lora_b", *lora_b, x);
-    TORCH_CHECK_VALUE(lora_a->dim() == 2 && lora_a->size(1) == K && r >= 1, kFwd,
-                      ": lora_a must be (r, K) with r >= 1 and K = ", K, ", got ", lora_a->sizes());
-    TORCH_CHECK_VALUE(lora_b->dim() == 2 && lora_b->size(0) == N && lora_b->size(1) == r, kFwd,
-                      ": lora_b must be (N, r) = (", N, ", ", r, "), got ", lora_b->sizes());
-    check_param_dtype(kFwd, "lora_a", *lora_a, x);
-    check_param_dtype(kFwd, "lora_b", *lora_b, x);
-  }
+  const int64_t r = check_lora(kFwd, lora_a, lora_b, x, K, N);
   if (stitch_bias) {
     check_on_device(kFwd, "stitch_bias", *stitch_bias, x);
     TORCH_CHECK_VALUE(stitch_bias->dim() == 2 && stitch_bias->size(1) == N, kFwd,
@@ -230,19 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stitched_linear_backward_cuda(
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type() && grad_y.scalar_type() == x.scalar_type(), kBwd,
                    ": x, weight and grad_y must share one dtype, got ", x.scalar_type(), ", ", weight.scalar_type(),
                    " and ", grad_y.scalar_type());
-  TORCH_CHECK_VALUE(lora_a.has_value() == lora_b.has_value(), kBwd,
-                    ": lora_a and lora_b must be given together (or both None)");
-  const int64_t r = lora_a ? lora_a->size(0) : 0;
-  if (lora_a) {
-    check_on_device(kBwd, "lora_a", *lora_a, x);
-    check_on_device(kBwd, "lora_b", *lora_b, x);
-    TORCH_CHECK_VALUE(lora_a->dim() == 2 && lora_a->size(1) == K && r >= 1, kBwd,
-                      ": lora_a must be (r, K) with r >= 1 and K = ", K, ", got ", lora_a->sizes());
-    TORCH_CHECK_VALUE(lora_b->dim() == 2 && lora_b->size(0) == N && lora_b->size(1) == r, kBwd,
-                      ": lora_b must be (N, r) = (", N, ", ", r, "), got ", lora_b->sizes());
-    check_param_dtype(kBwd, "lora_a", *lora_a, x);
-    check_param_dtype(kBwd, "lora_b", *lora_b, x);
-  }
+  const int64_t r = check_lora(kBwd, lora_a, lora_b, x, K, N);
   TORCH_CHECK_VALUE(num_stitches >= 0, kBwd, ": num_stitches must be >= 0, got ", num_stitches);
   const bool need_dx = output_mask[0], need_da = output_mask[1] && r > 0, need_db = output_mask[2] && r > 0,
              need_ds = output_mask[3];
