@@ -158,3 +158,15 @@ def test_available_backends():
     assert set(b) <= {"torch", "cpu", "triton", "cuda"}
     if not torch.cuda.is_available():
         assert "cuda" not in b
+
+
+def test_extension_is_built_where_required():
+    """CI (and anyone setting ESTA_REQUIRE_EXTENSION=1) must test the C++ kernels, not skip them quietly."""
+    import os
+
+    from esta_kernels import _ext
+
+    if not (os.environ.get("CI") or os.environ.get("ESTA_REQUIRE_EXTENSION") == "1"):
+        pytest.skip("neither CI nor ESTA_REQUIRE_EXTENSION=1 is set: running without the extension is allowed")
+    assert _ext.HAS_EXTENSION, f"esta_kernels._C did not import: {_ext.EXTENSION_ERROR}"
+    assert "cpu" in esta_kernels.available_backends()
