@@ -47,7 +47,7 @@ def has_cuda_kernels() -> bool:
 
 def define_schemas_without_extension() -> None:
     """Without the extension, define the same schemas from Python so fakes and autograd still register."""
-    if HAS_EXTENSION:
+    if HAS_EXTENSION or _LIBS:  # idempotent: each op module calls it before registering its fakes
         return
     lib = torch.library.Library("esta", "DEF")
     lib.define(
@@ -59,6 +59,7 @@ def define_schemas_without_extension() -> None:
         "Tensor lora_xa, Tensor? stitch_ids, int num_stitches, float scale, bool[4] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor)"
     )
+    lib.define("lstsq_accumulate(Tensor h_in, Tensor h_out, Tensor shift_in, Tensor shift_out) -> (Tensor, Tensor)")
     _LIBS.append(lib)
 
 

@@ -50,3 +50,36 @@ def naive_stitched_linear(x, weight, bias=None, lora_a=None, lora_b=None, stitch
             sb = torch.cat([stitch_bias.to(x.dtype), stitch_bias.new_zeros(1, stitch_bias.shape[1], dtype=x.dtype)])
             y = y + sb[torch.where(ids < 0, stitch_bias.shape[0], ids)]
     return y
+
+
+def torch_lstsq_accumulate(h_in, h_out, shift_in, shift_out):
+    """One batch of the least-squares init, the literal contract in float64 (esta::lstsq_accumulate).
+
+    u = h_in - shift_in, v = h_out - shift_out, ua = [u, 1]; returns (ua.T @ ua, ua.T @ v) in float64.
+    Makes float64 copies of the batch: it is the oracle, not a fast path.
+    """
+    u = h_in.to(torch.float64) - shift_in.to(torch.float64)
+    v = h_out.to(torch.float64) - shift_out.to(torch.float64)
+    ua = torch.cat([u, u.new_ones(u.shape[0], 1)], 1)
+    return ua.t() @ ua, ua.t() @ v
+
+
+def pinv_lstsq(h_in, h_out):
+    """SN-Net's least-squares init: pinv of [H_in, 1] over every token, then [W, b] = pinv @ H_out.
+
+    Returns weight (d_out, d_in) and bias (d_out,) in h_in's dtype. The baseline of bench/test_bench_lstsq.py.
+    """
+    ones = h_in.new_ones(h_in.shape[0], 1)
+    wb = torch.linalg.pinv(torch.cat([h_in, ones], 1)) @ h_out
+    return wb[:-1].t().contiguous(), wb[-1].contiguous()
+
+
+def gram_cholesky_lstsq(h_in, h_out):
+    """A plain-torch normal-equations solve: the float64 Gram of [H_in, 1] and one Cholesky solve.
+
+    Returns weight (d_out, d_in) and bias (d_out,) in float64. A benchmark baseline (no streaming, no
+    centring, no fallback for singular Grams).
+    """
+    ha = torch.cat([h_in, h_in.new_ones(h_in.shape[0], 1)], 1).to(torch.float64)
+    wb = torch.cholesky_solve(ha.t() @ h_out.to(torch.float64), torch.linalg.cholesky(ha.t() @ ha))
+    return wb[:-1].t().contiguous(), wb[-1].contiguous()

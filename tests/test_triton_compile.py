@@ -1,5 +1,6 @@
-"""Compiles every Triton launch of the stitched linear, for every autotune config, every dtype and both
-target GPUs (sm_80 Ampere, sm_90 Hopper), without a GPU.
+"""Compiles every Triton launch of the stitched linear and of the least-squares accumulation
+(esta_kernels/triton/lstsq.py), for every autotune config, every dtype and both target GPUs (sm_80 Ampere,
+sm_90 Hopper), without a GPU.
 
 The interpreter accepts kernels the GPU compiler rejects (e.g. a tl.dot dimension below 16), so passing
 the interpreter tests is not enough. Here `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
@@ -25,6 +26,8 @@ pytest.importorskip("triton")
 ARCHS = (80, 90)
 # float32 twice: full-precision dots (torch's default) and TF32 (torch.backends.cuda.matmul.allow_tf32)
 DTYPES = ("float32", "float32+tf32", "float16", "bfloat16")
+# activation dtypes of the least-squares accumulation (always IEEE float32 dots, so no TF32 variant)
+LSTSQ_DTYPES = ("float32", "float16", "bfloat16")
 # Largest dynamic shared memory per block: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 WORKERS = 2
@@ -65,7 +68,60 @@ def _launches(dtype_name: str):
     return out
 
 
-_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
+class _LstsqLaunch:
+    """A least-squares accumulation launch in the shape the compile jobs expect (role, tune, args, meta)."""
+
+    role, tune = "lstsq", ""
+
+    def __init__(self, plan):
+        self.args, self.meta = plan.args, plan.meta
+
+
+def _lstsq_launches():
+    """(label, launch) of the accumulation for each activation dtype, at ViT-S -> ViT-B (19,700 tokens,
+    384 -> 768: 100 images); the shifts are float32."""
+    import torch
+
+    from esta_kernels.triton import lstsq
+
+    out = []
+    for dtype_name in LSTSQ_DTYPES:
+        dt = getattr(torch, dtype_name)
+        n, d_in, d_out = 19700, 384, 768
+        h_in = torch.empty(n, d_in, dtype=dt, device="meta")
+        h_out = torch.empty(n, d_out, dtype=dt, device="meta")
+        s_in = torch.empty(d_in, device="meta")
+        s_out = torch.empty(d_out, device="meta")
+        plan, _ = lstsq.plan_accumulate(h_in, h_out, s_in, s_out)
+        out.append((f"lstsq-{dtype_name}/accumulate", _LstsqLaunch(plan)))
+    return out
+
+
+def _kernel(launch):
+    from esta_kernels.triton import lstsq
+    from esta_kernels.triton import stitched_linear as sl
+
+    return lstsq._lstsq_accumulate_kernel if launch.role == "lstsq" else sl._KERNELS[launch.role]
+
+
+def _configs(launch, arch):
+    from esta_kernels.triton import lstsq
+    from esta_kernels.triton import stitched_linear as sl
+
+    family = sl.arch_family(arch // 10)
+    if launch.role == "lstsq":
+        return lstsq.autotune_configs(family)
+    return sl.autotune_configs(launch.role, family, launch.tune)
+
+
+def _all_launches():
+    out = []
+    for dtype_name in DTYPES:
+        out += _launches(dtype_name)
+    return out + _lstsq_launches()
+
+
+_TYPES = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
 
 
 def _ast_source(kernel, launch, config):
@@ -118,14 +174,10 @@ def _resource_usage(cubin: bytes):
 
 
 def _jobs():
-    from esta_kernels.triton import stitched_linear as sl
-
     jobs = []
-    for dtype_name in DTYPES:
-        for label, launch in _launches(dtype_name):
-            for arch in ARCHS:
-                configs = sl.autotune_configs(launch.role, sl.arch_family(arch // 10), launch.tune)
-                jobs += [(label, arch, i) for i in range(len(configs))]
+    for label, launch in _all_launches():
+        for arch in ARCHS:
+            jobs += [(label, arch, i) for i in range(len(_configs(launch, arch)))]
     return jobs
 
 
@@ -134,15 +186,11 @@ def _worker(shard: int, shards: int) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from esta_kernels.triton import stitched_linear as sl
-
-    launches = {}
-    for d in DTYPES:
-        launches.update(_launches(d))
+    launches = dict(_all_launches())
     for label, arch, i in _jobs()[shard::shards]:
         launch = launches[label]
-        kernel = sl._KERNELS[launch.role]
-        config = sl.autotune_configs(launch.role, sl.arch_family(arch // 10), launch.tune)[i]
+        kernel = _kernel(launch)
+        config = _configs(launch, arch)[i]
         t0 = time.time()
         rec = dict(label=label, arch=arch, config=i, role=launch.role, tune=launch.tune, cfg=str(config))
         try:
@@ -186,6 +234,7 @@ def test_every_launch_compiles_for_sm80_and_sm90(tmp_path):
     assert not failed, "launches that failed to compile:\n" + "\n".join(
         f"{r['label']} sm_{r['arch']} {r['cfg']}: {r['error']}" for r in failed)
     assert len(records) >= 2 * len(DTYPES) * 6, "too few launches compiled"
+    assert sum(r["role"] == "lstsq" for r in records) >= 2 * len(LSTSQ_DTYPES) * 2, "too few lstsq launches"
     for r in records:
         where = f"{r['label']} sm_{r['arch']} {r['cfg']}"
         assert r["ptx"] > 0 and r["cubin"] > 0, f"no PTX or cubin for {where}"
@@ -193,10 +242,10 @@ def test_every_launch_compiles_for_sm80_and_sm90(tmp_path):
         if r["role"] == "gemm" and r["tune"].startswith("16bit"):
             # 16-bit main GEMMs must reach the tensor cores: wgmma on Hopper, mma.sync on Ampere
             assert r["wgmma"] if r["arch"] == 90 else r["mma"], f"{where}: no tensor-core MMA in the PTX"
-        if r["stack"] is not None and not r["label"].startswith("float32/"):
+        if r["stack"] is not None and r["label"].split("/")[0] not in ("float32", "lstsq-float32"):
             # float32 at full precision runs FMA loops that may spill a little; everything else may not
             assert r["stack"] == 0, f"{where}: registers spill ({r['regs']} registers, {r['stack']} B stack)"
-    print(f"\ncompiled {len(records)} launches (2 archs x {len(DTYPES)} dtypes x every config) in "
+    print(f"\ncompiled {len(records)} launches (2 archs x every dtype x every config) in "
           f"{elapsed:.0f} s with {WORKERS} workers; slowest {max(r['seconds'] for r in records):.1f} s")
 
 
