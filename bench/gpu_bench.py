@@ -284,6 +284,55 @@ def _mb(n):
 
 
 # ------------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------ least-squares init
+# (name, tokens, d_in, d_out): SN-Net's calibration of 100 images at ViT-Ti -> S and ViT-S -> B
+LSTSQ_SHAPES = (("vit_ti_to_s", 19700, 192, 384), ("vit_s_to_b", 19700, 384, 768))
+LSTSQ_DRY_SHAPES = (("tiny_lstsq", 600, 24, 40),)
+
+
+def run_lstsq(*, device, dtype, timer, deadline, dry, log) -> list:
+    """Times lstsq_init (one fused accumulation + the float64 solve) per backend on `device`, beside SN-Net's
+    method (pinv of [H_in, 1] over every token, float32 on the CPU), with max |dW| against a float64
+    least-squares solve of the same (rounded) activations."""
+    import esta_kernels
+    from esta_kernels.reference import pinv_lstsq
+
+    backends = [b for b in esta_kernels.available_backends() if b != "torch" or dry]
+    backends = [b for b in backends if (b in ("cpu", "torch")) == (device.type == "cpu")]
+    out = []
+    for name, n, d_in, d_out in (LSTSQ_DRY_SHAPES if dry else LSTSQ_SHAPES):
+        g = torch.Generator().manual_seed(0)
+        mix = torch.randn(d_in, d_out, generator=g) / d_in ** 0.5
+        h_in = torch.randn(n, d_in, generator=g) + 0.5
+        h_out = h_in @ mix + 0.1 * torch.randn(n, d_out, generator=g)
+        h_in_dev, h_out_dev = h_in.to(device, dtype), h_out.to(device, dtype)
+        x64 = torch.cat([h_in_dev.double().cpu(), torch.ones(n, 1, dtype=torch.float64)], 1)
+        ref = torch.linalg.lstsq(x64, h_out_dev.double().cpu()).solution[:-1].t()
+        res = {"name": name, "tokens": n, "d_in": d_in, "d_out": d_out, "providers": {}}
+        h_in_cpu, h_out_cpu = h_in_dev.float().cpu(), h_out_dev.float().cpu()
+        t = time.perf_counter()
+        w_pinv, _ = pinv_lstsq(h_in_cpu, h_out_cpu)
+        res["providers"]["pinv_cpu"] = {"median_us": (time.perf_counter() - t) * 1e6, "reps": 1,
+                                        "max_abs_dw": (w_pinv.double() - ref).abs().max().item()}
+        for b in backends:
+            if time.monotonic() > deadline:
+                res["providers"][f"esta_{b}"] = {"skipped": "time budget spent"}
+                continue
+            try:
+                w, _ = esta_kernels.lstsq_init(h_in_dev, h_out_dev, backend=b)
+                stats = timer([lambda b=b: esta_kernels.lstsq_init(h_in_dev, h_out_dev, backend=b)])
+                stats["max_abs_dw"] = (w.double().cpu() - ref).abs().max().item()
+                stats["x_faster_than_pinv"] = res["providers"]["pinv_cpu"]["median_us"] / stats["median_us"]
+                res["providers"][f"esta_{b}"] = stats
+            except Exception as exc:
+                res["providers"][f"esta_{b}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"lstsq {name}: " + ", ".join(
+            f"{k} {v['median_us'] / 1e3:.2f} ms (|dW| {v['max_abs_dw']:.1e})" if "median_us" in v else f"{k} {v}"
+            for k, v in res["providers"].items()))
+        out.append(res)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="folder for gpu_bench.json (default: bench/results, or a "
@@ -370,6 +419,11 @@ def main(argv=None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    try:
+        report["lstsq"] = run_lstsq(device=device, dtype=dtype, timer=timer, deadline=deadline, dry=dry, log=log)
+    except Exception as exc:
+        report["lstsq"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+        log(f"lstsq: ERROR {exc}")
     report["elapsed_s"] = round(time.monotonic() - t_start, 1)
     _write(out_path, report)
     if not args.no_table:
