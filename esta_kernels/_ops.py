@@ -11,7 +11,7 @@ Both pairs share one fake and one autograd formula.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor

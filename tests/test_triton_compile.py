@@ -107,8 +107,9 @@ def _kernel(launch):
 def _configs(launch, arch):
     from esta_kernels.triton import lstsq
     from esta_kernels.triton import stitched_linear as sl
+    from esta_kernels.triton._common import arch_family
 
-    family = sl.arch_family(arch // 10)
+    family = arch_family(arch // 10)
     if launch.role == "lstsq":
         return lstsq.autotune_configs(family)
     return sl.autotune_configs(launch.role, family, launch.tune)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from esta_kernels.triton.stitched_linear import _autotune_enabled, arch_family
+from esta_kernels.triton._common import autotune_enabled, device_info, interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SHIFT_DTYPES = (torch.float32, torch.float64)
@@ -157,26 +157,6 @@ def _autotuner(family: str, enabled: bool):
                            key=["N_BUCKET", "D_IN", "D_OUT"])(_lstsq_accumulate_kernel)
 
 
-def _interpreting(device: torch.device) -> bool:
-    """True when TRITON_INTERPRET=1 was set before triton was imported (the kernel is then interpreted, for
-    CPU and CUDA tensors alike)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpreted = isinstance(_lstsq_accumulate_kernel, InterpretedFunction)
-    if device.type != "cuda" and not interpreted:
-        raise RuntimeError(
-            "lstsq_accumulate (triton): CPU tensors run only in Triton's interpreter; set TRITON_INTERPRET=1 "
-            "before triton is first imported"
-        )
-    return interpreted
-
-
-@functools.lru_cache(maxsize=None)
-def _device_info(index: int) -> Tuple[str, int]:
-    props = torch.cuda.get_device_properties(index)
-    return arch_family(props.major), props.multi_processor_count
-
-
 # -------------------------------------------------------------------------------------------------- plan
 class Launch(NamedTuple):
     """The launch, from shapes only: runtime `args` by name, the constexprs `meta` fixed by the host (the
@@ -230,13 +210,13 @@ def plan_accumulate(h_in: Tensor, h_out: Tensor, shift_in: Tensor, shift_out: Te
 
 
 def _launch(plan: Launch, device: torch.device) -> None:
-    if _interpreting(device):
+    if interpreting(_lstsq_accumulate_kernel, device, "lstsq_accumulate"):
         meta = {**_INTERPRETER_META, **plan.meta}
         _lstsq_accumulate_kernel[plan.grid(meta)](**plan.args, **meta)
         return
-    family, _ = _device_info(device.index)
+    family, _ = device_info(device.index)
     with torch.cuda.device(device):
-        _autotuner(family, _autotune_enabled())[plan.grid](**plan.args, **plan.meta)
+        _autotuner(family, autotune_enabled())[plan.grid](**plan.args, **plan.meta)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -280,10 +260,10 @@ def triton_lstsq_accumulate(h_in: Tensor, h_out: Tensor, shift_in: Tensor, shift
     if n == 0:
         return (torch.zeros((d_in + 1, d_in + 1), dtype=torch.float64, device=dev),
                 torch.zeros((d_in + 1, d_out), dtype=torch.float64, device=dev))
-    interp = _interpreting(dev)
+    interp = interpreting(_lstsq_accumulate_kernel, dev, "lstsq_accumulate")
     # the kernel reads the shifts with unit stride (they are small)
     shift_in, shift_out = shift_in.contiguous(), shift_out.contiguous()
-    num_sms = _device_info(dev.index)[1] if dev.type == "cuda" and not interp else 132
+    num_sms = device_info(dev.index)[1] if dev.type == "cuda" and not interp else 132
     plan, part = plan_accumulate(h_in, h_out, shift_in, shift_out, interpreter=interp, num_sms=num_sms)
     _launch(plan, dev)
     # torch adds the float64 partials in a fixed order (no atomics): deterministic

@@ -29,7 +29,6 @@ list runs).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -38,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from esta_kernels._validate import check_ids_range
+from esta_kernels.triton._common import autotune_enabled, device_info, interpreting
 
 _ACC = torch.float32
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -267,10 +267,6 @@ _INTERPRETER_MAX_BLOCK_R = 16  # small, so that tests with r > 16 cover the rank
 _INTERPRETER_MAX_BLOCK_S = 16
 
 
-def arch_family(capability_major: int) -> str:
-    return "hopper" if capability_major >= 9 else "ampere"
-
-
 def autotune_configs(role: str, family: str, tune: str) -> List[triton.Config]:
     """The triton.Config list of a launch role ("gemm", "thin", "reduce") on an arch family ("ampere",
     "hopper") for a tuning class (Launch.tune)."""
@@ -302,31 +298,6 @@ _AUTOTUNE_KEYS = {"gemm": ["M_BUCKET", "N", "K"], "thin": ["M_BUCKET", "N", "K"]
 def _autotuner(role: str, family: str, tune: str, enabled: bool):
     configs = autotune_configs(role, family, tune)
     return triton.autotune(configs=configs if enabled else configs[:1], key=_AUTOTUNE_KEYS[role])(_KERNELS[role])
-
-
-def _autotune_enabled() -> bool:
-    # ESTA_TRITON_AUTOTUNE=0: the first config of each list, no benchmarking (quick tests, first calls)
-    return os.environ.get("ESTA_TRITON_AUTOTUNE", "1") != "0"
-
-
-def _interpreting(device: torch.device) -> bool:
-    """True when the kernels run in Triton's interpreter: TRITON_INTERPRET=1 was set when triton was
-    imported (triton.jit then returns interpreter functions, for CPU and CUDA tensors alike)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpreted = isinstance(_stitched_gemm_kernel, InterpretedFunction)
-    if device.type != "cuda" and not interpreted:
-        raise RuntimeError(
-            "stitched_linear (triton): CPU tensors run only in Triton's interpreter; set TRITON_INTERPRET=1 "
-            "before triton is first imported"
-        )
-    return interpreted
-
-
-@functools.lru_cache(maxsize=None)
-def _device_info(index: int) -> Tuple[str, int]:
-    props = torch.cuda.get_device_properties(index)
-    return arch_family(props.major), props.multi_processor_count
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -457,19 +428,19 @@ def row_splits(M: int, tiles: int, interpreter: bool, num_sms: int) -> Tuple[int
 
 # --------------------------------------------------------------------------------------------- launching
 def _launch(plan: Launch, device: torch.device) -> None:
-    if _interpreting(device):
+    if interpreting(_stitched_gemm_kernel, device, "stitched_linear"):
         kernel = _KERNELS[plan.role]
         meta = {**_INTERPRETER_META[plan.role], **plan.meta}
         kernel[plan.grid(meta)](**plan.args, **meta)
         return
-    family, _ = _device_info(device.index)
-    tuner = _autotuner(plan.role, family, plan.tune, _autotune_enabled())
+    family, _ = device_info(device.index)
+    tuner = _autotuner(plan.role, family, plan.tune, autotune_enabled())
     with torch.cuda.device(device):
         tuner[plan.grid](**plan.args, **plan.meta)
 
 
 def _num_sms(device: torch.device) -> int:
-    return 132 if device.type != "cuda" else _device_info(device.index)[1]
+    return 132 if device.type != "cuda" else device_info(device.index)[1]
 
 
 def _row_reduce(l: Tensor, r: Optional[Tensor], *, ids: Optional[Tensor] = None, num_stitches: int = 0,
@@ -477,7 +448,7 @@ def _row_reduce(l: Tensor, r: Optional[Tensor], *, ids: Optional[Tensor] = None,
     """(scale * l.T @ r as (P, Q) float32 or None, onehot(ids).T @ l as (S, P) float32 or None)."""
     dev = l.device
     plan, out, sout = plan_row_reduce(l, r, ids=ids, num_stitches=num_stitches, scale=scale,
-                                      precision_dtype=precision_dtype, interpreter=_interpreting(dev),
+                                      precision_dtype=precision_dtype, interpreter=interpreting(_stitched_gemm_kernel, dev, "stitched_linear"),
                                       num_sms=_num_sms(dev))
     _launch(plan, dev)
     return _sum_splits(out), _sum_splits(sout)
@@ -542,7 +513,7 @@ def triton_stitched_linear_forward(
         ids = _prepare_ids(name, stitch_ids, M, stitch_bias.shape[0])
 
     dev = x.device
-    interp = _interpreting(dev)
+    interp = interpreting(_stitched_gemm_kernel, dev, "stitched_linear")
     y = torch.empty((M, N), dtype=x.dtype, device=dev)
     xa = torch.empty((M, r), dtype=_ACC, device=dev)
     if M == 0:
@@ -575,7 +546,7 @@ def triton_stitched_linear_backward(
     if r and tuple(lora_xa.shape) != (M, r):
         raise ValueError(f"{name}: lora_xa must have shape ({M}, {r}), got {tuple(lora_xa.shape)}")
     dev = x.device
-    interp = _interpreting(dev)
+    interp = interpreting(_stitched_gemm_kernel, dev, "stitched_linear")
     dy = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
     ids = _prepare_ids(name, stitch_ids, M, num_stitches) if need_ds and num_stitches > 0 else None
 
