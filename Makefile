@@ -6,7 +6,9 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 # torch 2.14.1 is the CUDA 13.0 wheel, so the CUDA sources compile and link even without a GPU
 TORCH_SPEC ?= torch==2.14.1
-DEPS := "$(TORCH_SPEC)" "triton>=3.6,<3.10" numpy "pytest>=8" "pytest-benchmark>=4" ninja "setuptools>=64" wheel
+# torchvision 0.29.1 is the build that matches torch 2.14.1 (timm needs it; tests build small timm ViTs)
+DEPS := "$(TORCH_SPEC)" "torchvision==0.29.1" timm "triton>=3.6,<3.10" numpy "pytest>=8" "pytest-benchmark>=4" \
+	ninja "setuptools>=64" wheel
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py
 
 .PHONY: all venv build test bench clean

@@ -1,11 +1,19 @@
 """esta: the training layer of Efficient Stitchable Task Adaptation.
 
     esta.nn.StitchedLinear   a drop-in nn.Linear with a shared LoRA and one bias row per stitch
+    esta.nn.StitchingLayer   the linear map between two anchors
+    esta.stitch_positions    SN-Net's stitch positions of one anchor pair
+    esta.TimmViTAnchor, esta.SequentialBlocksAnchor   anchors (embed -> blocks -> head)
+    esta.StitchableModel     anchors plus the stitches between them, with parameter and FLOPs counts
 
 The kernels live in `esta_kernels`; `esta` builds on them (never the reverse).
 """
 from esta import nn
+from esta.anchors import Anchor, SequentialBlocksAnchor, TimmViTAnchor
+from esta.model import StitchableModel, StitchInfo
+from esta.stitching import StitchPosition, stitch_positions
 
 __version__ = "0.1.0"
 
-__all__ = ["nn"]
+__all__ = ["nn", "Anchor", "SequentialBlocksAnchor", "TimmViTAnchor", "StitchableModel", "StitchInfo",
+           "StitchPosition", "stitch_positions"]
