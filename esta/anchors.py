@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from typing import Dict, Iterator, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["Anchor", "TimmViTAnchor", "SequentialBlocksAnchor", "unique_numel"]

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import esta
 from esta import SequentialBlocksAnchor, StitchableModel, TimmViTAnchor, stitch_positions
 from esta.nn import StitchingLayer
 from esta.stitching import nearest_block
