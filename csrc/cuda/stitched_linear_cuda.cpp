@@ -52,6 +52,19 @@ void check_param_dtype(const char* op, const char* name, const Tensor& t, const 
 }
 
 // The tensor cores' bfloat16 path and cp.async need sm_80; the kernels are built for sm_80 and sm_90.
+// A GEMM of M x N outputs reading a (M, k) and b (N, k) row-major (one reduction segment).
+GemmArgs gemm_args(int64_t M, int64_t N, const Tensor& a, const Tensor& b, int64_t k) {
+  GemmArgs g;
+  g.M = M;
+  g.N = N;
+  g.a[0] = a.data_ptr();
+  g.lda[0] = a.stride(0);
+  g.b[0] = b.data_ptr();
+  g.ldb[0] = b.stride(0);
+  g.k[0] = k;
+  return g;
+}
+
 // Checks lora_a (r, K) and lora_b (N, r) (both or neither) and returns r (0 without LoRA).
 int64_t check_lora(const char* op, const std::optional<Tensor>& lora_a, const std::optional<Tensor>& lora_b,
                    const Tensor& x, int64_t K, int64_t N) {
@@ -160,14 +173,7 @@ std::tuple<Tensor, Tensor> stitched_linear_cuda(const Tensor& x, const Tensor& w
   const Dtype dt = kernel_dtype(x.scalar_type());
   const Tensor xc = row_major(x), wc = row_major(weight);
 
-  GemmArgs main;
-  main.M = M;
-  main.N = N;
-  main.a[0] = xc.data_ptr();
-  main.lda[0] = xc.stride(0);
-  main.b[0] = wc.data_ptr();
-  main.ldb[0] = wc.stride(0);
-  main.k[0] = K;
+  GemmArgs main = gemm_args(M, N, xc, wc, K);
 
   Tensor a_lp, b_lp, xa_lp, bias_c, sb_c, ids_c;
   if (r > 0) {
@@ -177,14 +183,7 @@ std::tuple<Tensor, Tensor> stitched_linear_cuda(const Tensor& x, const Tensor& w
     b_lp = in_dtype(*lora_b, x);
     const int64_t r_pad = round_up8(r);  // 16-byte rows, so the main GEMM reads it with cp.async
     xa_lp = at::empty({M, r_pad}, x.options());
-    GemmArgs down;
-    down.M = M;
-    down.N = r;
-    down.a[0] = xc.data_ptr();
-    down.lda[0] = xc.stride(0);
-    down.b[0] = a_lp.data_ptr();
-    down.ldb[0] = a_lp.stride(0);
-    down.k[0] = K;
+    GemmArgs down = gemm_args(M, r, xc, a_lp, K);
     down.out = xa.data_ptr();
     down.ldo = r;
     down.out_f32 = true;
@@ -276,14 +275,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stitched_linear_backward_cuda(
   const int64_t r_pad = round_up8(r);
   if (r > 0 && (need_dx || need_da)) {
     b_lp = in_dtype(*lora_b, x);
-    GemmArgs gg;
-    gg.M = M;
-    gg.N = r;
-    gg.a[0] = dyc.data_ptr();
-    gg.lda[0] = dyc.stride(0);
-    gg.b[0] = b_lp.data_ptr();
-    gg.ldb[0] = b_lp.stride(0);
-    gg.k[0] = N;
+    GemmArgs gg = gemm_args(M, r, dyc, b_lp, N);
     gg.alpha = static_cast<float>(scale);
     if (need_da) {
       g = at::empty({M, r}, f32);
@@ -301,14 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stitched_linear_backward_cuda(
 
   if (need_dx) {
     const Tensor wc = row_major(weight);
-    GemmArgs d;
-    d.M = M;
-    d.N = K;
-    d.a[0] = dyc.data_ptr();
-    d.lda[0] = dyc.stride(0);
-    d.b[0] = wc.data_ptr();
-    d.ldb[0] = wc.stride(0);
-    d.k[0] = N;
+    GemmArgs d = gemm_args(M, K, dyc, wc, N);
     if (r > 0) {
       a_lp = in_dtype(*lora_a, x);
       d.a[1] = g_lp.data_ptr();
