@@ -46,18 +46,42 @@ def reference(inp, scale):
     return esta_kernels.torch_stitched_linear(**d, scale=scale)
 
 
-def reference_grads(inp, scale, grad_y):
-    """float64 gradients of x, lora_a, lora_b, stitch_bias under the reference."""
+def grads_of(fn, inp, scale, grad_y, cast):
+    """Gradients of x, lora_a, lora_b, stitch_bias through fn(**inputs, scale=scale), each floating input
+    passed through `cast` first (a fresh leaf)."""
     d = {}
     for k, v in inp.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
-            v = v.detach().double()
+            v = cast(v.detach())
             if k in ("x", "lora_a", "lora_b", "stitch_bias"):
                 v.requires_grad_(True)
         d[k] = v
-    y = esta_kernels.torch_stitched_linear(**d, scale=scale)
-    y.backward(grad_y.double())
+    fn(**d, scale=scale).backward(grad_y.to(d["x"].dtype))
     return {k: d[k].grad for k in ("x", "lora_a", "lora_b", "stitch_bias") if d[k] is not None}
+
+
+def reference_grads(inp, scale, grad_y):
+    """float64 gradients of x, lora_a, lora_b, stitch_bias under the reference."""
+    return grads_of(esta_kernels.torch_stitched_linear, inp, scale, grad_y, lambda t: t.double())
+
+
+def triton_test_marks(kernel):
+    """(interpreter marks, GPU marks) for tests of a Triton kernel: interpreter tests need TRITON_INTERPRET=1
+    at import and triton >= 3.8 (3.6's interpreter hands numpy 2.4 1-element arrays where ints are due);
+    GPU tests need CUDA and compiled kernels."""
+    import pytest
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreting = isinstance(kernel, InterpretedFunction)
+    old = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8)
+    interp = [pytest.mark.interpreter,
+              pytest.mark.skipif(not interpreting, reason="triton was imported without TRITON_INTERPRET=1"),
+              pytest.mark.skipif(interpreting and old, reason="Triton's interpreter needs triton >= 3.8")]
+    gpu = [pytest.mark.gpu, pytest.mark.skipif(
+        interpreting or not torch.cuda.is_available(),
+        reason="needs a CUDA GPU and compiled (not interpreted) Triton kernels")]
+    return interp, gpu
 
 
 def lowp_error(inp, scale, ref):

@@ -12,7 +12,7 @@ import torch
 import esta_kernels
 from esta_kernels import _ext, _ops
 from esta_kernels.backends import triton_installed
-from _inputs import make_inputs, reference, reference_grads
+from _inputs import grads_of, make_inputs, reference, reference_grads
 
 OPS = ("esta::stitched_linear", "esta::stitched_linear_backward")
 HAS_CUDA_KERNELS = _ext.has_cuda_kernels()
@@ -92,15 +92,7 @@ def test_forward_optional_parts(backend, dtype, lora, bias, S, param_dtype, pois
 
 def _naive_grads(inp, scale, grad_y):
     """Gradients of PyTorch's unfused composition in the input dtype (float32 masters stay float32)."""
-    d = {}
-    for k, v in inp.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            v = v.detach().clone()
-            if k in ("x", "lora_a", "lora_b", "stitch_bias"):
-                v.requires_grad_(True)
-        d[k] = v
-    esta_kernels.naive_stitched_linear(**d, scale=scale).backward(grad_y)
-    return {k: d[k].grad for k in ("x", "lora_a", "lora_b", "stitch_bias") if d[k] is not None}
+    return grads_of(esta_kernels.naive_stitched_linear, inp, scale, grad_y, lambda t: t.clone())
 
 
 @gpu

@@ -22,17 +22,10 @@ triton = pytest.importorskip("triton")
 from esta_kernels import _ext  # noqa: E402
 from esta_kernels.triton import lstsq as tl_lstsq  # noqa: E402
 from esta_kernels.triton.lstsq import triton_lstsq_accumulate  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from _inputs import triton_test_marks  # noqa: E402
 
-INTERPRETING = isinstance(tl_lstsq._lstsq_accumulate_kernel, InterpretedFunction)
 CUDA = torch.cuda.is_available()
-OLD_INTERPRETER = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8)
-
-interp = [pytest.mark.interpreter,
-          pytest.mark.skipif(not INTERPRETING, reason="triton was imported without TRITON_INTERPRET=1"),
-          pytest.mark.skipif(INTERPRETING and OLD_INTERPRETER, reason="Triton's interpreter needs triton >= 3.8")]
-gpu_triton = [pytest.mark.gpu, pytest.mark.skipif(
-    INTERPRETING or not CUDA, reason="needs a CUDA GPU and compiled (not interpreted) Triton kernels")]
+interp, gpu_triton = triton_test_marks(tl_lstsq._lstsq_accumulate_kernel)
 gpu_cuda = [pytest.mark.gpu,
             pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
             pytest.mark.skipif(not _ext.has_cuda_kernels(),

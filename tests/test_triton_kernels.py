@@ -23,19 +23,10 @@ from esta_kernels.triton.stitched_linear import (  # noqa: E402
     triton_stitched_linear_backward,
     triton_stitched_linear_forward,
 )
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from _inputs import triton_test_marks  # noqa: E402
 
-INTERPRETING = isinstance(sl._stitched_gemm_kernel, InterpretedFunction)
 CUDA = torch.cuda.is_available()
-
-# Triton 3.6's interpreter passes scalar kernel arguments as 1-element arrays, which numpy 2.4 refuses to
-# turn into Python ints (range(0, K, ...) fails); 3.8 works.
-OLD_INTERPRETER = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8)
-interp = [pytest.mark.interpreter,
-          pytest.mark.skipif(not INTERPRETING, reason="triton was imported without TRITON_INTERPRET=1"),
-          pytest.mark.skipif(INTERPRETING and OLD_INTERPRETER, reason="Triton's interpreter needs triton >= 3.8")]
-gpu = [pytest.mark.gpu, pytest.mark.skipif(
-    INTERPRETING or not CUDA, reason="needs a CUDA GPU and compiled (not interpreted) Triton kernels")]
+interp, gpu = triton_test_marks(sl._stitched_gemm_kernel)
 
 # (device, dtype) pairs: the interpreter has no bfloat16
 CPU_F32 = pytest.param("cpu", torch.float32, marks=interp, id="interp-f32")
