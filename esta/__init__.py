@@ -4,16 +4,18 @@
     esta.nn.StitchingLayer   the linear map between two anchors
     esta.stitch_positions    SN-Net's stitch positions of one anchor pair
     esta.TimmViTAnchor, esta.SequentialBlocksAnchor   anchors (embed -> blocks -> head)
-    esta.StitchableModel     anchors plus the stitches between them, with parameter and FLOPs counts
+    esta.StitchableModel     anchors plus the stitches between them, with parameter and FLOPs counts,
+                             least-squares init of the stitching layers (esta.calibration), PST conversion
+                             (esta.pst) and merged export (esta.export)
 
 The kernels live in `esta_kernels`; `esta` builds on them (never the reverse).
 """
-from esta import nn
+from esta import export, nn
 from esta.anchors import Anchor, SequentialBlocksAnchor, TimmViTAnchor
 from esta.model import StitchableModel, StitchInfo
 from esta.stitching import StitchPosition, stitch_positions
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "Anchor", "SequentialBlocksAnchor", "TimmViTAnchor", "StitchableModel", "StitchInfo",
+__all__ = ["export", "nn", "Anchor", "SequentialBlocksAnchor", "TimmViTAnchor", "StitchableModel", "StitchInfo",
            "StitchPosition", "stitch_positions"]

@@ -12,6 +12,9 @@ An `Anchor` is an `nn.Module` that wraps a model and exposes
                                      the blocks speak the same language, the embed type that the token
                                      layouts (count, prefix tokens) line up position by position
     embed_parameters(), head_parameters()   for per-stitch parameter counts
+    attention_linears(i)             the linears of block i that PST adapts (name inside the block -> module)
+    classifier_parameters()          the head parameters PST trains (norms excluded)
+    check_input(x, where)            a clear error for a batch the anchor cannot take
     block_flops(i, tokens_shape), embed_flops(input_shape), head_flops(tokens_shape)
                                      analytic multiply-add counts, or None where the anchor has none (then
                                      `StitchableModel` measures them)
@@ -60,6 +63,15 @@ class Anchor(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def check_input(self, x: Tensor, where: str = "") -> None:
+        """Raises a ValueError naming `where` when x is not a batch this anchor can take. The base class only
+        checks that x is a tensor with a batch dimension; adapters that know their input shape check more."""
+        prefix = f"{where}: " if where else ""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{prefix}the input must be a tensor, got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError(f"{prefix}the input must have a batch dimension, got a 0-d tensor")
+
     def block_kwargs(self, x: Tensor, tokens: Tensor, **extra) -> Dict[str, object]:
         # Computed once per forward from the raw input, then passed to every block of this anchor.
         return {}
@@ -72,6 +84,17 @@ class Anchor(nn.Module):
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         raise NotImplementedError
+
+    def attention_linears(self, i: int) -> Dict[str, nn.Linear]:
+        """The attention linears of block i that PST adapts, by name inside the block (e.g. "attn.qkv").
+        The base rule: every nn.Linear whose name has a part containing "attn" or "attention"."""
+        return {name: mod for name, mod in self.blocks[i].named_modules()
+                if isinstance(mod, nn.Linear) and _is_attention_name(name)}
+
+    def classifier_parameters(self) -> Iterator[nn.Parameter]:
+        """The head parameters PST trains: the head's, except those of normalization layers."""
+        norms = {id(p) for mod in self.modules() if isinstance(mod, _NORM_TYPES) for p in mod.parameters()}
+        return (p for p in self.head_parameters() if id(p) not in norms)
 
     def embed_flops(self, input_shape) -> Optional[int]:
         return None
@@ -91,6 +114,13 @@ class Anchor(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, **kwargs)
         return self.head(tokens, **extra)
+
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
+
+
+def _is_attention_name(name: str) -> bool:
+    return any("attn" in part.lower() or "attention" in part.lower() for part in name.split("."))
 
 
 def _linear_macs(rows: int, layer: nn.Linear) -> int:
@@ -126,6 +156,20 @@ class TimmViTAnchor(Anchor):
     def width(self) -> int:
         return self.model.embed_dim
 
+    def check_input(self, x: Tensor, where: str = "") -> None:
+        super().check_input(x, where)
+        prefix = f"{where}: " if where else ""
+        m = self.model
+        channels = m.patch_embed.proj.in_channels if hasattr(m.patch_embed, "proj") else None
+        if x.dim() != 4 or (channels is not None and x.shape[1] != channels):
+            raise ValueError(f"{prefix}expected images of shape (batch, {channels}, height, width), "
+                             f"got {tuple(x.shape)}")
+        size = tuple(x.shape[-2:])
+        img_size = getattr(m.patch_embed, "img_size", None)
+        if not getattr(m, "dynamic_img_size", False) and img_size is not None and size != tuple(img_size):
+            raise ValueError(f"{prefix}expected images of {img_size[0]}x{img_size[1]} pixels (the anchors' "
+                             f"img_size), got {size[0]}x{size[1]} (input shape {tuple(x.shape)})")
+
     def embed(self, x: Tensor) -> Tensor:
         m = self.model
         return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
@@ -137,6 +181,16 @@ class TimmViTAnchor(Anchor):
         m = self.model
         return [mod for mod in (m.norm, getattr(m, "fc_norm", None), getattr(m, "attn_pool", None), m.head)
                 if mod is not None]
+
+    def attention_linears(self, i: int) -> Dict[str, nn.Linear]:
+        attn = getattr(self.model.blocks[i], "attn", None)
+        found = {f"attn.{name}": getattr(attn, name, None) for name in ("qkv", "proj")}
+        if all(isinstance(mod, nn.Linear) for mod in found.values()):
+            return found
+        return super().attention_linears(i)  # another attention layout: every linear under an "attn" name
+
+    def classifier_parameters(self):
+        return self.model.head.parameters()
 
     def embed_parameters(self):
         # everything that is neither a block nor the head: patch embed, cls/reg tokens, pos embed, norm_pre
@@ -204,10 +258,13 @@ class SequentialBlocksAnchor(Anchor):
 
     width: the token width; inferred from the last dimension of the first parameter-carrying nn.Linear in
     the first block when not given. FLOPs are measured (none are analytic here).
+    attention_linears: names (inside a block) of the linears PST adapts; default: every nn.Linear whose name
+    has a part containing "attn" or "attention".
     """
 
     def __init__(self, embed: nn.Module, blocks: nn.ModuleList, head: nn.Module, *, family: str,
-                 embed_type: str, width: Optional[int] = None) -> None:
+                 embed_type: str, width: Optional[int] = None,
+                 attention_linears: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
             raise TypeError("SequentialBlocksAnchor: blocks must be a non-empty nn.ModuleList or nn.Sequential")
@@ -225,6 +282,28 @@ class SequentialBlocksAnchor(Anchor):
                                  "pass width=")
             width = first.in_features
         self._width = int(width)
+        if attention_linears is not None:
+            if isinstance(attention_linears, str) or not all(isinstance(n, str) for n in attention_linears):
+                raise TypeError("SequentialBlocksAnchor: attention_linears must be a sequence of module names")
+            attention_linears = tuple(attention_linears)
+        self._attention_names = attention_linears
+
+    def attention_linears(self, i: int) -> Dict[str, nn.Linear]:
+        if self._attention_names is None:
+            return super().attention_linears(i)
+        block = self.blocks[i]
+        found = {}
+        for name in self._attention_names:
+            try:
+                mod = block.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"SequentialBlocksAnchor: block {i} has no submodule {name!r} "
+                                 f"(attention_linears)") from None
+            if not isinstance(mod, nn.Linear):
+                raise TypeError(f"SequentialBlocksAnchor: {name!r} of block {i} is a {type(mod).__name__}, "
+                                f"not an nn.Linear (attention_linears)")
+            found[name] = mod
+        return found
 
     @property
     def blocks(self):

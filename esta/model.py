@@ -125,6 +125,9 @@ class StitchableModel(nn.Module):
         self.stitches: List[StitchInfo] = infos
         self._stitch = n - 1
         self._flops_cache: Dict[Tuple, dict] = {}
+        self.pst: Optional[dict] = None  # set by to_pst(): ranks, stitch_bias, per-block id tables
+        self._pst_layers: List = []
+        self._applied: Optional[int] = None
 
     # ---- selection ----
     def __len__(self) -> int:
@@ -161,6 +164,7 @@ class StitchableModel(nn.Module):
     # ---- forward ----
     def forward(self, x: Tensor, stitch: Optional[int] = None, **extra) -> Tensor:
         info = self.stitches[self._stitch if stitch is None else self._check_id(stitch)]
+        self._select_rows(info.id)
         if info.is_anchor:
             return self.anchors[info.front](x, **extra)
         front, end = self.anchors[info.front], self.anchors[info.end]
@@ -169,12 +173,63 @@ class StitchableModel(nn.Module):
         for block in front.blocks[: info.front_block + 1]:
             tokens = block(tokens, **kwargs)
         layer = self.stitching_layers[info.pair][info.layer]
-        layer.stitch_ids = info.local_id
+        layer.stitch_ids = info.local_id if layer.num_stitches > 0 else None
         tokens = layer(tokens)
         kwargs = end.block_kwargs(x, tokens, **extra)
         for block in end.blocks[info.end_block:]:
             tokens = block(tokens, **kwargs)
         return end.head(tokens, **extra)
+
+    def _select_rows(self, i: int) -> None:
+        """Points every PST linear at member i's stitch-bias row (once per switch of member)."""
+        if self.pst is None or self._applied == i:
+            return
+        for a, blocks in enumerate(self._pst_layers):
+            for b, linears in enumerate(blocks):
+                row = self.pst["tables"][a][b][i]
+                for linear in linears:
+                    if linear.num_stitches > 0:
+                        linear.stitch_ids = row
+        self._applied = i
+
+    def _set_pst(self, tables, layers, ranks, stitch_bias) -> None:
+        self.pst = {"tables": tables, "ranks": list(ranks), "stitch_bias": stitch_bias}
+        self._pst_layers = layers
+        self._applied = None
+
+    def local_stitch_row(self, i: int, anchor: int, block: int) -> int:
+        """The stitch-bias row member i uses in block `block` of anchor `anchor` after to_pst (-1: none)."""
+        if self.pst is None:
+            raise RuntimeError("StitchableModel.local_stitch_row: the model is not converted to PST (call to_pst)")
+        return self.pst["tables"][anchor][block][self._check_id(i)]
+
+    # ---- least-squares init, PST, export ----
+    def init_stitching_layers(self, data, *, num_images: Optional[int] = 100, batch_size: int = 32,
+                              ridge: Optional[float] = None, mode: str = "joint", backend: str = "auto"):
+        """Least-squares init of every stitching layer in one pass (see `esta.calibration`)."""
+        from esta.calibration import init_stitching_layers
+        return init_stitching_layers(self, data, num_images=num_images, batch_size=batch_size, ridge=ridge,
+                                     mode=mode, backend=backend)
+
+    def to_pst(self, ranks=None, *, stitch_bias: bool = True, lora_alpha: Optional[float] = None,
+               backend: str = "auto") -> "StitchableModel":
+        """Converts the model to PST in place (see `esta.pst`); returns it."""
+        from esta.pst import to_pst
+        return to_pst(self, ranks, stitch_bias=stitch_bias, lora_alpha=lora_alpha, backend=backend)
+
+    def trainable_report(self) -> Dict[str, int]:
+        """Trainable parameters by group (see `esta.pst.trainable_report`)."""
+        from esta.pst import trainable_report
+        return trainable_report(self)
+
+    def format_trainable_report(self) -> str:
+        from esta.pst import format_trainable_report
+        return format_trainable_report(self)
+
+    def export(self, i: int) -> nn.Module:
+        """A standalone module for member i with LoRA and stitch biases merged (see `esta.export`)."""
+        from esta.export import export_stitch
+        return export_stitch(self, self._check_id(i))
 
     # ---- sizes ----
     def _stitch_params(self, fa: int, j: int, ea: int, k: int) -> int:
