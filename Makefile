@@ -1,6 +1,7 @@
-# Two entry points, each doing all the set-up on a fresh machine:
-#   make bench   the main job: the fused stitched-linear benchmark comparison on this machine
+# Entry points, each doing all the set-up on a fresh machine:
+#   make demo    the main job: `esta demo`, ESTA on shipped anchors and data (a few minutes on 2 CPU cores)
 #   make test    the test suite (interpreter tests of the Triton kernels and their sm_80/sm_90 compile included)
+#   make bench   the fused stitched-linear benchmark comparison on this machine
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
@@ -8,10 +9,10 @@ VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 # torchvision 0.29.1 is the build that matches torch 2.14.1 (timm needs it; tests build small timm ViTs)
 DEPS := "$(TORCH_SPEC)" "torchvision==0.29.1" timm "triton>=3.6,<3.10" numpy "pytest>=8" "pytest-benchmark>=4" \
-	ninja "setuptools>=64" wheel
+	ninja "setuptools>=64" wheel safetensors tqdm matplotlib scikit-learn
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py
 
-.PHONY: all venv build test bench clean
+.PHONY: all venv build test bench demo clean
 all: test
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
@@ -35,6 +36,9 @@ build: esta_kernels/.built
 
 test: build
 	$(VPY) -m pytest -q tests
+
+demo: build
+	$(VPY) -m esta demo --out esta-demo
 
 bench: build $(VENV)/.bench-deps-installed
 	$(VPY) bench/compare.py

@@ -22,6 +22,14 @@ A provider that cannot run is recorded as skipped with the reason; one that rais
 message, and the run goes on. The JSON is rewritten after every shape, so a run cut short keeps what it
 measured. The ceiling of the card (one large bf16 matmul, a device-to-device copy) is recorded too.
 --budget-s bounds the run: providers still to do when it is spent are skipped with that reason.
+
+Last, under the JSON's `train_step` key: one ESTA training step (bench/train_step.py: Trainer.train_step on a
+ViT-S + ViT-B stitchable model, random weights, bfloat16 autocast, batch 64) with every StitchedLinear fused
+against backend="torch", in interleaved pairs training the same stitch: median step time and peak memory
+(torch.cuda.max_memory_allocated after reset_peak_memory_stats) per provider, beside the paper's 9,685 MB at
+batch 64. The shapes and lstsq sections stop starting new work --train-step-reserve-s before the budget ends,
+so this one keeps its time. In the dry run: two tiny ViTs, batch 4, the CPU memory accounting of
+bench/train_step.py. --sections picks the sections (e.g. --sections train_step alone).
 """
 from __future__ import annotations
 
@@ -333,6 +341,36 @@ def run_lstsq(*, device, dtype, timer, deadline, dry, log) -> list:
     return out
 
 
+# ---------------------------------------------------------------------------------------- training step
+# GPU: the issue's setting beside the paper's figure; dry run: the same code path, tiny and quick
+TRAIN_STEP_GPU = {"model": "vit_s_b", "batch": 64, "warmup_pairs": 2, "pairs": 10, "memory_pairs": 1}
+TRAIN_STEP_DRY = {"model": "tiny", "batch": 4, "warmup_pairs": 1, "pairs": 2, "memory_pairs": 1}
+
+
+def run_train_step(*, device, dry, deadline, log, model=None, batch=None, pairs=None) -> dict:
+    """bench.train_step.run at TRAIN_STEP_GPU (TRAIN_STEP_DRY in the dry run) with bfloat16 autocast, every
+    palette member primed first; see bench/train_step.py for what is measured."""
+    import importlib.util
+
+    from bench import train_step
+
+    if importlib.util.find_spec("timm") is None:
+        log("train_step: skipped (timm is not installed)")
+        return {"status": "skipped", "reason": "timm is not installed (pip install timm)"}
+    if train_step.resolved_backend("fused", device) == "torch":
+        log("train_step: skipped (no fused backend here)")
+        return {"status": "skipped", "reason": f"backend 'auto' resolves to 'torch' on {device.type} (no compiled "
+                                               "kernels or Triton, or ESTA_BACKEND is set): nothing to compare"}
+    cfg = dict(TRAIN_STEP_DRY if dry else TRAIN_STEP_GPU)
+    cfg.update({k: v for k, v in (("model", model), ("batch", batch), ("pairs", pairs)) if v is not None})
+    res = train_step.run(cfg["model"], batch=cfg["batch"], device=device, bf16=True, warmup_pairs=cfg["warmup_pairs"],
+                         pairs=cfg["pairs"], memory_pairs=cfg["memory_pairs"], prime_members=True,
+                         deadline=deadline, log=log)
+    res["status"] = "ok"
+    log(train_step.format_result(res))
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="folder for gpu_bench.json (default: bench/results, or a "
@@ -344,13 +382,30 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
     ap.add_argument("--providers", default=None, help="comma-separated provider names (default: all)")
     ap.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    ap.add_argument("--sections", default="shapes,lstsq,train_step",
+                    help="comma-separated sections to run: shapes, lstsq, train_step (default: all)")
+    ap.add_argument("--train-step-reserve-s", type=float, default=None,
+                    help="seconds of --budget-s kept for the train_step section (default 70 on a GPU, 10 in the "
+                         "dry run; at most half the budget)")
+    ap.add_argument("--train-step-model", default=None, help="bench.train_step model name (default vit_s_b; "
+                                                             "tiny in the dry run)")
+    ap.add_argument("--train-step-batch", type=int, default=None, help="default 64 (4 in the dry run)")
     args = ap.parse_args(argv)
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    unknown = sorted(set(sections) - {"shapes", "lstsq", "train_step"})
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(unknown)}; expected shapes, lstsq, train_step")
 
     from bench.providers import DRY_RUN_PROVIDERS, GPU_SCRIPT_PROVIDERS
 
     t_start = time.monotonic()
     deadline = t_start + args.budget_s
     dry = args.cpu_dry_run
+    reserve = 0.0
+    if "train_step" in sections:
+        reserve = args.train_step_reserve_s if args.train_step_reserve_s is not None else (10.0 if dry else 70.0)
+        reserve = min(reserve, args.budget_s / 2)
+    early_deadline = deadline - reserve  # shapes and lstsq start nothing new after it
     if not dry and not torch.cuda.is_available():
         print("gpu_bench: no CUDA device is visible; use --cpu-dry-run to exercise the harness on the CPU",
               file=sys.stderr)
@@ -405,11 +460,11 @@ def main(argv=None) -> int:
         log(f"ceiling: ERROR {exc}")
 
     l2 = (env.get("l2_bytes") or 50 * 2**20) if not dry else 0
-    for shape in shapes:
+    for shape in (shapes if "shapes" in sections else ()):
         log(f"{shape.name}: M={shape.M} K={shape.K} N={shape.N} r={shape.r} S={shape.S}")
         try:
             res = run_shape(shape, providers, device=device, dtype=dtype, timer=timer, ref_dtype=ref_dtype,
-                            l2_bytes=l2, deadline=deadline, dry=dry, log=log)
+                            l2_bytes=l2, deadline=early_deadline, dry=dry, log=log)
         except Exception as exc:  # e.g. out of memory while making the inputs
             res = {**shape.as_dict(), "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
             log(f"  ERROR {exc}")
@@ -419,13 +474,37 @@ def main(argv=None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    try:
-        report["lstsq"] = run_lstsq(device=device, dtype=dtype, timer=timer, deadline=deadline, dry=dry, log=log)
-    except Exception as exc:
-        report["lstsq"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
-        log(f"lstsq: ERROR {exc}")
-    report["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    _write(out_path, report)
+    if "lstsq" in sections:
+        try:
+            report["lstsq"] = run_lstsq(device=device, dtype=dtype, timer=timer, deadline=early_deadline, dry=dry,
+                                        log=log)
+        except Exception as exc:
+            report["lstsq"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+            log(f"lstsq: ERROR {exc}")
+        report["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        _write(out_path, report)
+    if "train_step" in sections:
+        # written first, so a run killed in the middle of this section says so in the JSON
+        report["train_step"] = {"status": "started", "reason": "no result: the run ended inside this section"}
+        _write(out_path, report)
+        if time.monotonic() > deadline:
+            report["train_step"] = {"status": "skipped", "reason": "the time budget (--budget-s) was spent before it"}
+            log("train_step: skipped (time budget spent)")
+        else:
+            log(f"train_step: {time.monotonic() - t_start:.0f} s into the run, {deadline - time.monotonic():.0f} s "
+                f"of budget left")
+            try:
+                report["train_step"] = run_train_step(device=device, dry=dry, deadline=deadline, log=log,
+                                                      model=args.train_step_model, batch=args.train_step_batch)
+            except Exception as exc:  # e.g. out of memory: recorded, and the JSON and table still come out
+                report["train_step"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
+                                        "traceback": traceback.format_exc()[-4000:]}
+                log(f"train_step: ERROR {type(exc).__name__}: {str(exc)[:300]}")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        report["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        _write(out_path, report)
     if not args.no_table:
         print(format_table(report))
     log(f"gpu_bench: wrote {out_path} in {report['elapsed_s']} s")
@@ -463,6 +542,12 @@ def format_table(report: dict) -> str:
                 f"{fmt(None if peak is None else peak / 2**20, '10.1f')}"
                 f"{fmt(None if e.get('saved_bytes') is None else e['saved_bytes'] / 2**20, '10.2f')}"
                 f"{e['fwd_bwd_tflops']:>9.1f}  {e['check']}")
+    ts = report.get("train_step")
+    if ts:
+        from bench.train_step import format_result
+
+        lines.append("")
+        lines.append(format_result(ts))
     return "\n".join(lines)
 
 

@@ -7,15 +7,20 @@
     esta.StitchableModel     anchors plus the stitches between them, with parameter and FLOPs counts,
                              least-squares init of the stitching layers (esta.calibration), PST conversion
                              (esta.pst) and merged export (esta.export)
+    esta.TaskSpecificSampler ESTA's stitch sampling by SNIP importance (esta.sampling)
+    esta.Trainer             one-stage adapt-and-stitch training (esta.train); deployment in esta.deploy;
+                             the `esta` command line in esta.cli
 
 The kernels live in `esta_kernels`; `esta` builds on them (never the reverse).
 """
 from esta import export, nn
 from esta.anchors import Anchor, SequentialBlocksAnchor, TimmViTAnchor
 from esta.model import StitchableModel, StitchInfo
+from esta.sampling import TaskSpecificSampler, snip_score
 from esta.stitching import StitchPosition, stitch_positions
+from esta.train import Trainer, TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = ["export", "nn", "Anchor", "SequentialBlocksAnchor", "TimmViTAnchor", "StitchableModel", "StitchInfo",
-           "StitchPosition", "stitch_positions"]
+           "StitchPosition", "stitch_positions", "TaskSpecificSampler", "snip_score", "Trainer", "TrainConfig"]

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from esta.anchors import Anchor, unique_numel
+from esta.nn.stitched_linear import StitchedLinear
 from esta.nn.stitching import StitchingLayer
 from esta.stitching import stitch_positions
 
@@ -202,6 +203,53 @@ class StitchableModel(nn.Module):
         if self.pst is None:
             raise RuntimeError("StitchableModel.local_stitch_row: the model is not converted to PST (call to_pst)")
         return self.pst["tables"][anchor][block][self._check_id(i)]
+
+    def member_parameters(self, i: int) -> List:
+        """The trainable parameters member i's forward uses, for its SNIP score (`esta.sampling.snip_score`).
+
+        Every parameter with requires_grad in the embedding of its front anchor, the blocks it runs, its
+        stitching layer and its end anchor's head, each tensor once; a stitch-bias table appears as a
+        (table, row) pair for the member's own row (skipped where the member has none)."""
+        info = self.stitches[self._check_id(i)]
+        front, end = self.anchors[info.front], self.anchors[info.end]
+        if info.is_anchor:
+            path = [(info.front, b) for b in range(front.depth)]
+        else:
+            path = [(info.front, b) for b in range(info.front_block + 1)]
+            path.append(None)  # the stitching layer
+            path += [(info.end, b) for b in range(info.end_block, end.depth)]
+        out, seen = [], set()
+
+        def add(p):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+
+        for p in front.embed_parameters():
+            add(p)
+        for step in path:
+            if step is None:
+                module = self.stitching_layers[info.pair][info.layer]
+                row_of = lambda sub: info.local_id  # noqa: E731
+            else:
+                a, b = step
+                module = self.anchors[a].blocks[b]
+                row = -1 if self.pst is None else self.pst["tables"][a][b][info.id]
+                row_of = lambda sub, row=row: row  # noqa: E731
+            tables = set()
+            for sub in module.modules():
+                if isinstance(sub, StitchedLinear) and sub.stitch_bias is not None:
+                    tables.add(id(sub.stitch_bias))
+                    row = row_of(sub)
+                    if row >= 0 and sub.stitch_bias.requires_grad and id(sub.stitch_bias) not in seen:
+                        seen.add(id(sub.stitch_bias))
+                        out.append((sub.stitch_bias, row))
+            for p in module.parameters():
+                if id(p) not in tables:
+                    add(p)
+        for p in end.head_parameters():
+            add(p)
+        return out
 
     # ---- least-squares init, PST, export ----
     def init_stitching_layers(self, data, *, num_images: Optional[int] = 100, batch_size: int = 32,

@@ -62,8 +62,11 @@ def stitched_linear(
     Returns:
         y of shape (..., N) in x's dtype.
     """
+    if all(t is None or isinstance(t, Tensor) for t in (weight, bias, lora_a, lora_b, stitch_bias)) \
+            and isinstance(x, Tensor):
+        # first, as F.linear does: under autocast x may arrive in the autocast dtype with a float32 weight
+        x, weight, bias, lora_a, lora_b, stitch_bias = _apply_autocast(x, weight, bias, lora_a, lora_b, stitch_bias)
     check_stitched_linear_args(x, weight, bias, lora_a, lora_b, stitch_bias, stitch_ids)
-    x, weight, bias, lora_a, lora_b, stitch_bias = _apply_autocast(x, weight, bias, lora_a, lora_b, stitch_bias)
     name = resolve_backend(backend, x.device)
     if name == "torch":
         return torch_stitched_linear(x, weight, bias, lora_a, lora_b, stitch_bias, stitch_ids, scale=scale)

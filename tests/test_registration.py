@@ -108,3 +108,18 @@ def test_autocast(backend, dtype):
     for name in ("x", "lora_a", "lora_b", "stitch_bias"):
         assert inp[name].grad is not None and inp[name].grad.dtype == torch.float32
         assert torch.isfinite(inp[name].grad).all()
+
+
+@pytest.mark.parametrize("backend,dtype", AUTOCAST)
+def test_autocast_with_low_precision_input(backend, dtype):
+    """As with F.linear, an input already in the autocast dtype (the output of an earlier autocast op) meets
+    a float32 weight without a dtype error."""
+    inp = make_inputs(9, 16, 24, 4, 3, dtype=torch.float32, ids="rows")
+    inp["x"] = inp["x"].to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        y = esta_kernels.stitched_linear(**inp, scale=0.5, backend=backend)
+    assert y.dtype == dtype
+    cast = {k: (v.to(dtype) if k in ("weight", "bias") else v) for k, v in inp.items()}
+    torch.testing.assert_close(y.double(), reference(cast, 0.5), atol=3e-2, rtol=3e-2)
+    with pytest.raises(TypeError, match="share one dtype"):  # outside autocast it stays an error
+        esta_kernels.stitched_linear(**inp, scale=0.5, backend=backend)

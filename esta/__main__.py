@@ -1,0 +1,6 @@
+"""`python -m esta ...` (and `torchrun -m esta train ...`): the esta command line."""
+import sys
+
+from esta.cli import main
+
+sys.exit(main())

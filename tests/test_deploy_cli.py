@@ -1,0 +1,121 @@
+"""Deployment report (Pareto frontier, JSON, plot) and the `esta` command line."""
+import json
+
+import pytest
+import torch
+
+from esta.cli import main
+from esta.deploy import build_report, format_table, pareto_front, write_report
+from esta.sampling import TaskSpecificSampler
+
+timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
+
+
+def test_pareto_front_by_hand():
+    flops = {0: 1, 1: 2, 2: 2, 3: 3, 4: 4, 5: 5}
+    acc = {0: 0.5, 1: 0.6, 2: 0.55, 3: 0.6, 4: 0.8, 5: 0.7}
+    # 2 is beaten by 1 (same FLOPs), 3 by 1 (same accuracy, fewer FLOPs), 5 by 4
+    assert pareto_front(flops, acc) == [0, 1, 4]
+    assert pareto_front({0: 1, 1: 1}, {0: 0.5, 1: 0.5}) == [0]  # exact ties keep one
+    assert pareto_front(flops, {}) == []
+
+
+def test_report_json_plot_and_share(tmp_path):
+    import test_stitchable_pst as helpers
+
+    model = helpers._model()
+    flops = model.flops_table((1, 3, 16, 16))
+    sampler = TaskSpecificSampler(flops, num_intervals=3, seed=0)
+    for i in range(len(model)):
+        sampler.update(i, float(i % 7 + 1), 10)
+    accuracy = {i: 0.3 + 0.02 * (i % 5) for i in range(len(model))}
+    report = build_report(model, sampler, flops, accuracy)
+    deployed = sampler.deploy()
+    assert [r["deployed"] for r in report["deployed"]] == deployed
+    front = pareto_front({i: flops[i] for i in accuracy}, accuracy)
+    on = [i for i in deployed if i in front]
+    assert report["deployed_on_front"] == on
+    assert report["share_deployed_on_front"] == pytest.approx(len(on) / len(deployed))
+    paths = write_report(report, str(tmp_path / "r"))
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert saved["deployed_on_front"] == on and len(saved["members"]) == len(model)
+    png = (tmp_path / "r" / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000 and "png" in paths
+    table = format_table(report)
+    assert "Pareto frontier" in table and len(table.splitlines()) == len(deployed) + 2
+    # without evaluation: no frontier claims, no plot
+    bare = build_report(model, sampler, flops)
+    assert "share_deployed_on_front" not in bare
+    assert set(write_report(bare, str(tmp_path / "b"))) == {"json"}
+
+
+def _tiny_config(tmp_path, **over):
+    def anchor(d):
+        return {"timm": "vit_tiny_patch16_224",
+                "kwargs": {"img_size": 8, "patch_size": 2, "in_chans": 1, "depth": 2, "embed_dim": d, "num_heads": 2}}
+
+    config = {"anchors": [anchor(8), anchor(16)], "data": {"builtin": "digits-5to9"}, "num_classes": 5,
+              "stitching": {"calibration_images": 40},
+              "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5, "sampler_warmup_epochs": 0.5,
+                        "num_intervals": 3},
+              "evaluate": {"all": True, "batch_size": 512}, "device": "cpu"}
+    config.update(over)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_cli_train_deploy_export(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the builtin digits data needs scikit-learn")
+    out = tmp_path / "run"
+    assert main(["train", "--config", _tiny_config(tmp_path), "--out", str(out), "--no-progress"]) == 0
+    for name in ("config.json", "checkpoint.pt", "history.json", "report.json", "report.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    from esta import stitch_positions
+
+    assert len(report["members"]) == 2 + len(stitch_positions(2, 2))
+    deployed = [r["deployed"] for r in report["deployed"]]
+    for i in deployed:
+        assert (out / "export" / f"stitch-{i}" / "model.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "attention LoRA" in printed  # the trainable-parameter report
+    assert "Pareto frontier" in printed
+    # deploy again from the run directory: same deployment, same accuracies
+    assert main(["deploy", "--run", str(out)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert [r["deployed"] for r in again["deployed"]] == deployed
+    assert [r["accuracy"] for r in again["deployed"]] == [r["accuracy"] for r in report["deployed"]]
+    assert main(["export", "--run", str(out), "--stitch", "3", "--out", str(tmp_path / "e3")]) == 0
+    import esta.export
+
+    net = esta.export.load(str(tmp_path / "e3"))
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 5)
+    assert main(["export", "--run", str(out), "--stitch", "99", "--out", str(tmp_path / "e99")]) == 2
+    assert "outside" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"learning_rate": 1}, "unknown key.*learning_rate"),
+    ({"train": {"epochz": 1}}, "config.train: .*unknown key.*epochz"),
+    ({"data": {"folder": "/nonexistent/images"}}, "data folder /nonexistent/images does not exist"),
+    ({"anchors": [{"timm": "vit_nonexistent_model"}, {"timm": "vit_tiny_patch16_224"}]}, "unknown anchor 'vit_nonexistent_model'"),
+    ({"anchors": [{"demo": "nope"}, {"demo": "nope2"}]}, "unknown demo anchor 'nope'"),
+    ({"data": {"builtin": "mnist"}}, "unknown builtin dataset 'mnist'"),
+    ({"anchors": [{"timm": "vit_tiny_patch16_224", "colour": 1}, {"timm": "vit_tiny_patch16_224"}]}, r"anchors\[0\].*colour"),
+])
+def test_cli_config_errors(tmp_path, capsys, over, match):
+    import re
+
+    code = main(["train", "--config", _tiny_config(tmp_path, **over), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(match, err), err
+
+
+def test_cli_missing_files(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "none.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["deploy", "--run", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
