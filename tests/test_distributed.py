@@ -24,6 +24,7 @@ from esta.train import Trainer, TrainConfig
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 
 import test_stitchable_pst as helpers  # noqa: E402
+from test_train import _record_grads  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -59,14 +60,7 @@ def _fresh(seed=0):
 
 def _run(trainer, steps=STEPS):
     """Trains `steps` steps, recording the gradients (of the trainable parameters) each optimizer step saw."""
-    grads = []
-    step = trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
+    grads = _record_grads(trainer)
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     records = trainer.fit(steps=steps)
     return {
