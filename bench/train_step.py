@@ -289,22 +289,20 @@ class PairedSteps:
         out["saved_bytes"] = max(graphs) if graphs else 0
         return out
 
-    def pair(self, order) -> dict:
-        """One step per provider in `order`, all from the same trainer step and sampler state."""
+    def _paired(self, order, run) -> dict:
+        """run(provider) once per provider in `order`, all from the same trainer step and sampler state."""
         snap = self.snapshot()
         res = {}
         for p in order:
             self.restore(snap)
-            res[p] = self.step(p)
+            res[p] = run(p)
         return res
 
+    def pair(self, order) -> dict:
+        return self._paired(order, self.step)
+
     def memory_pair(self, order) -> dict:
-        snap = self.snapshot()
-        res = {}
-        for p in order:
-            self.restore(snap)
-            res[p] = self.memory_step(p)
-        return res
+        return self._paired(order, self.memory_step)
 
 
 def _autocast(device: torch.device, bf16: bool):

@@ -29,11 +29,12 @@ first `num_images` samples are used (all of them with num_images=None).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from esta.model import _device_of, _float_dtype_of
 from esta_kernels.lstsq import StreamingLstsq
 
 __all__ = ["init_stitching_layers", "LayerInitReport", "calibration_batches"]
@@ -239,14 +240,3 @@ def _run_with_hooks(anchor, a: int, x: Tensor, index: int, needed: set, feeds: d
         for h in handles:
             h.remove()
 
-
-def _device_of(module):
-    p = next(module.parameters(), None)
-    return None if p is None else p.device
-
-
-def _float_dtype_of(module):
-    for p in module.parameters():
-        if p.dtype.is_floating_point:
-            return p.dtype
-    return None

@@ -151,17 +151,6 @@ def build_model(config: dict):
     return esta.StitchableModel(anchors, kernel_size=st.get("kernel_size", 2), stride=st.get("stride", 1))
 
 
-class TensorDataset(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
 def build_data(config: dict):
     """(train, test) datasets of (input, label) pairs."""
     spec = config["data"]
@@ -170,7 +159,7 @@ def build_data(config: dict):
 
         if spec["builtin"] not in TASKS:
             raise ConfigError(f"unknown builtin dataset {spec['builtin']!r}; shipped: {', '.join(sorted(TASKS))}")
-        return tuple(TensorDataset(*load_task(spec["builtin"], split)) for split in ("train", "test"))
+        return tuple(torch.utils.data.TensorDataset(*load_task(spec["builtin"], split)) for split in ("train", "test"))
     from torchvision import datasets, transforms
 
     root = spec["folder"]
@@ -189,12 +178,6 @@ def build_data(config: dict):
     return tuple(out)
 
 
-def _calibration(train, n: int):
-    n = min(n, len(train))
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
-    return torch.stack([torch.as_tensor(train[int(i)][0]) for i in perm])
-
-
 # ---------------------------------------------------------------------------------------- commands
 
 def _device(config) -> torch.device:
@@ -206,7 +189,7 @@ def _device(config) -> torch.device:
 
 def run_training(config: dict, out: str, *, resume: bool = False, progress: bool = True,
                  deploy: bool = True, quiet: bool = False) -> dict:
-    from esta.train import Trainer, TrainConfig, init_distributed
+    from esta.train import Trainer, TrainConfig, calibration_images, init_distributed
 
     device = _device(config)
     distributed = init_distributed(device)
@@ -217,7 +200,7 @@ def run_training(config: dict, out: str, *, resume: bool = False, progress: bool
     model = _seeded_model(config, tc, device)
     calib = config.get("stitching", {}).get("calibration_images", tc.calibration_images)
     t0 = time.time()
-    model.init_stitching_layers(_calibration(train, calib).to(device), num_images=calib)
+    model.init_stitching_layers(calibration_images(train, calib, tc.seed).to(device), num_images=calib)
     log(f"least-squares init of {sum(len(g) for g in model.stitching_layers)} stitching layers on {calib} "
         f"images: {time.time() - t0:.1f} s")
     trainer = Trainer(model, train, tc, device=device, distributed=distributed)

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from esta.sampling import TaskSpecificSampler, all_reduce_score
 
-__all__ = ["TrainConfig", "Trainer", "prepare_model", "evaluate", "init_distributed"]
+__all__ = ["TrainConfig", "Trainer", "prepare_model", "evaluate", "init_distributed", "calibration_images"]
 
 
 @dataclass
@@ -155,6 +155,14 @@ def _world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def calibration_images(data, n: int, seed: int) -> Tensor:
+    """The inputs of n samples of `data` drawn without replacement by `seed` (the least-squares init's
+    calibration set)."""
+    n = min(n, len(data))
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    return _stack([data[int(i)] for i in perm])[0]
 
 
 def _stack(samples):
@@ -327,10 +335,8 @@ class Trainer:
 
     def _start_stitch_phase(self) -> None:
         """adapt-then-stitch: re-solve the stitching layers on the adapted anchors, then a fresh optimizer."""
-        n = min(len(self.data), self.config.calibration_images)
-        perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed))
-        x, _ = _stack([self.data[int(i)] for i in perm[:n]])
-        self.model.init_stitching_layers(x.to(self.device), num_images=n)
+        x = calibration_images(self.data, self.config.calibration_images, self.config.seed)
+        self.model.init_stitching_layers(x.to(self.device), num_images=len(x))
         self._new_optimizer()
 
     def fit(self, steps: Optional[int] = None, *, progress: bool = False, checkpoint: Optional[str] = None,
