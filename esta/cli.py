@@ -239,9 +239,10 @@ def run_deploy(model, sampler, flops, test, out, config, *, evaluate_all: Option
     deployed = sampler.deploy()
     members = list(range(len(model))) if evaluate_all else deployed
     t0 = time.time()
-    accuracy = evaluate(model, test, members, batch_size=ev.get("batch_size", 256), progress=progress)
+    accuracy, correct = evaluate(model, test, members, batch_size=ev.get("batch_size", 256), progress=progress,
+                                 per_example=True)
     log(f"evaluated {len(members)} members on {len(test)} test images: {time.time() - t0:.1f} s")
-    report = build_report(model, sampler, flops, accuracy)
+    report = build_report(model, sampler, flops, accuracy, correct=correct)
     paths = write_report(report, out)
     for i in deployed:
         export_mod.save(model.export(i), os.path.join(out, "export", f"stitch-{i}"))
@@ -365,6 +366,10 @@ def _demo_summary(report: dict, model) -> None:
     share = report.get("share_deployed_on_front")
     if share is not None:
         print(f"{100 * share:.0f}% of the deployed stitches are on the measured Pareto frontier")
+    sig = report.get("significance")
+    if sig is not None:
+        print(f"{100 * sig['share_not_significantly_dominated']:.0f}% are not significantly dominated by a cheaper or "
+              f"equal member on these {sig['examples']} test images (exact McNemar, {sig['alpha']:g})")
 
 
 if __name__ == "__main__":

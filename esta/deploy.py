@@ -6,15 +6,28 @@
 
 The Pareto frontier is measured on the evaluated members: member i is on it when no other evaluated member
 has FLOPs <= i's and accuracy >= i's with one of the two strict. The report states how many deployed
-members are on it (the paper's claim is "mostly").
+members are on it (the paper's claim is "mostly"), and the share a uniformly random member per interval
+would reach on average (`share_on_front_random_pick`), the chance level the scores should beat.
+
+How much of that the test set can tell. A frontier measured on a few hundred images is partly noise: two
+stitches of one interval often differ by less than one standard error of an accuracy. Given the per-example
+results (`esta.train.evaluate(..., per_example=True)`), `build_report` adds a paired test per deployed
+member d: for every member j that dominates d on the measured data, the exact one-sided McNemar test on the
+images where exactly one of the two is right (b: j right and d wrong, c: the reverse; p = P(X >= b) for
+X ~ Binomial(b + c, 1/2)), and keeps the smallest p and its j (`dominance_p`, `dominated_by`). d is
+"significantly dominated" when that p < `alpha` (0.05). Taking the smallest p over all dominators is not
+corrected for multiple comparisons, so it errs toward calling a deployed member dominated. The strict share
+on the measured frontier stays the headline number; the significance count says how many of the misses the
+test set can actually distinguish from the frontier.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["pareto_front", "build_report", "write_report", "format_table"]
+__all__ = ["pareto_front", "mcnemar_p", "dominance", "build_report", "write_report", "format_table"]
 
 
 def pareto_front(flops: Dict[int, float], accuracy: Dict[int, float]) -> List[int]:
@@ -31,10 +44,63 @@ def pareto_front(flops: Dict[int, float], accuracy: Dict[int, float]) -> List[in
     return front
 
 
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact one-sided McNemar p-value that the first of two classifiers is better: P(X >= b) for
+    X ~ Binomial(b + c, 1/2), where b counts the examples only the first gets right and c those only the
+    second gets right. 1.0 when b = c = 0."""
+    for name, v in (("b", b), ("c", c)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"mcnemar_p: {name} must be a non-negative int, got {v!r}")
+    n = b + c
+    if b == 0:
+        return 1.0
+    # sum of C(n, k) / 2^n for k >= b, in log space (n can be large)
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2.0)
+            for k in range(b, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def dominance(member: int, flops: Dict[int, float], accuracy: Dict[int, float],
+              correct: Dict[int, object]) -> Tuple[Optional[int], float]:
+    """(j, p): among the members j that dominate `member` on the measured data (FLOPs <= and accuracy >=,
+    one strict), the one with the smallest exact McNemar p-value (`mcnemar_p`) on the per-example results
+    `correct` (bool tensors or arrays of equal length); (None, 1.0) when nothing dominates it."""
+    import torch
+
+    mine = torch.as_tensor(correct[member], dtype=torch.bool)
+    best: Tuple[Optional[int], float] = (None, 1.0)
+    for j in accuracy:
+        if j == member or j not in correct:
+            continue
+        if not (flops[j] <= flops[member] and accuracy[j] >= accuracy[member]
+                and (flops[j] < flops[member] or accuracy[j] > accuracy[member])):
+            continue
+        other = torch.as_tensor(correct[j], dtype=torch.bool)
+        if other.shape != mine.shape:
+            raise ValueError(f"dominance: per-example results of members {j} and {member} have different "
+                             f"lengths ({other.numel()} and {mine.numel()})")
+        b = int((other & ~mine).sum())
+        c = int((mine & ~other).sum())
+        p = mcnemar_p(b, c)
+        if best[0] is None or p < best[1]:
+            best = (j, p)
+    return best
+
+
 def build_report(model, sampler, flops: Sequence[float], accuracy: Optional[Dict[int, float]] = None,
-                 *, extra: Optional[dict] = None) -> dict:
-    """The deployment report (a JSON-ready dict)."""
+                 *, correct: Optional[Dict[int, object]] = None, alpha: float = 0.05,
+                 extra: Optional[dict] = None) -> dict:
+    """The deployment report (a JSON-ready dict). `correct` (per-example results of the evaluated members,
+    from `esta.train.evaluate(..., per_example=True)`) adds the paired significance test of the module
+    docstring at level `alpha`."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"build_report: alpha must be in (0, 1), got {alpha}")
     accuracy = dict(accuracy or {})
+    if correct is not None:
+        missing = sorted(set(accuracy) - set(correct))
+        if missing:
+            raise ValueError(f"build_report: correct has no per-example results for evaluated members {missing[:8]}")
     deployed = sampler.deploy()
     scores = sampler.scores
     anchors = [s.id for s in model.stitches if s.is_anchor]
@@ -57,6 +123,22 @@ def build_report(model, sampler, flops: Sequence[float], accuracy: Optional[Dict
         report["pareto_front"] = front
         report["deployed_on_front"] = on
         report["share_deployed_on_front"] = len(on) / len(evaluated) if evaluated else None
+        # the same share for a uniformly random member per interval (the chance level of the selection)
+        pools = [[i for i in r["members"] if i in accuracy] for r in rows if r["deployed"] in accuracy]
+        report["share_on_front_random_pick"] = (
+            sum(sum(i in front for i in pool) / len(pool) for pool in pools) / len(pools) if pools else None)
+        if correct is not None and evaluated:
+            fl = {i: float(flops[i]) for i in accuracy}
+            for r in rows:
+                if r["deployed"] in accuracy:
+                    j, p = dominance(r["deployed"], fl, accuracy, correct)
+                    r["dominated_by"], r["dominance_p"] = j, p
+            clear = [r["deployed"] for r in rows if r.get("dominance_p", 0.0) >= alpha]
+            report["significance"] = {
+                "test": "exact one-sided McNemar against each dominating member, smallest p kept",
+                "alpha": alpha, "examples": int(len(next(iter(correct.values())))),
+                "deployed_not_significantly_dominated": clear,
+                "share_not_significantly_dominated": len(clear) / len(evaluated)}
         anchor_acc = [accuracy[a] for a in anchors if a in accuracy]
         if anchor_acc:
             report["anchor_accuracy"] = {a: accuracy[a] for a in anchors if a in accuracy}
@@ -73,20 +155,31 @@ def _num(value) -> Optional[float]:
 
 
 def format_table(report: dict) -> str:
+    sig = report.get("significance")
     lines = [f"{'interval':>8} {'stitch':>6} {'GFLOPs' if _big(report) else 'MFLOPs':>9} {'params':>10} "
-             f"{'score':>10} {'accuracy':>9}"]
+             f"{'score':>10} {'accuracy':>9}" + ("  p(dominated)" if sig is not None else "")]
     unit = 1e9 if _big(report) else 1e6
     front = set(report.get("pareto_front", []))
     for r in report["deployed"]:
         acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%"
         mark = " *" if r["deployed"] in front else ""
         score = "" if r["score"] is None else f"{r['score']:.3e}"
+        dom = ""
+        if sig is not None and r.get("dominated_by") is not None:
+            dom = f"{r['dominance_p']:.2g} (by {r['dominated_by']})"
         lines.append(f"{r['interval']:>8} {r['deployed']:>6} {r['flops'] / unit:>9.3f} {r['params']:>10,} "
-                     f"{score:>10} {acc:>9}{mark}")
+                     f"{score:>10} {acc:>9}{mark:2} {dom}".rstrip())
     if report.get("share_deployed_on_front") is not None:
         on = len(report["deployed_on_front"])
+        chance = report.get("share_on_front_random_pick")
         lines.append(f"deployed on the measured Pareto frontier (*): {on} of {len(report['deployed'])} "
-                     f"({100 * report['share_deployed_on_front']:.0f}%)")
+                     f"({100 * report['share_deployed_on_front']:.0f}%" +
+                     ("" if chance is None else f"; a random member per interval: {100 * chance:.0f}% expected") + ")")
+    if sig is not None:
+        clear = len(sig["deployed_not_significantly_dominated"])
+        lines.append(f"deployed not significantly dominated (exact McNemar, p >= {sig['alpha']:g}, "
+                     f"{sig['examples']} test examples): {clear} of {len(report['deployed'])} "
+                     f"({100 * sig['share_not_significantly_dominated']:.0f}%)")
     return "\n".join(lines)
 
 

@@ -37,8 +37,11 @@ batches and continues exactly as the uninterrupted run.
 
 Distributed: wrap nothing yourself; pass `distributed=True` under torchrun (gloo or nccl already initialized
 by `esta.train.init_distributed`). The model is wrapped in DistributedDataParallel with
-find_unused_parameters=True (a stitch uses a subset of the parameters) and broadcast_buffers=False (every
-rank selects the same stitch: the sampler is seeded identically and fed all-reduced scores).
+find_unused_parameters=True (a stitch uses a subset of the parameters) and no buffer broadcast before each
+forward (`forward_sync_buffers=False`, or `broadcast_buffers=False` before torch 2.13; every rank selects the
+same stitch: the sampler is seeded identically and fed all-reduced scores). The losses in
+`history` are the global batch's (averaged over ranks); `rank_loss_teacher` / `rank_loss_stitch` keep each
+rank's own.
 """
 from __future__ import annotations
 
@@ -199,7 +202,7 @@ class Trainer:
         self.net = model
         if distributed:
             self.net = nn.parallel.DistributedDataParallel(
-                model, find_unused_parameters=True, broadcast_buffers=False,
+                model, find_unused_parameters=True, **_no_buffer_sync(),
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         c = self.config
         self.global_batch = c.batch_size * c.accum_steps * self.world
@@ -288,7 +291,7 @@ class Trainer:
                     loss = F.cross_entropy(self.net(x, stitch=anchor).float(), y)
                 (loss / accum).backward()
                 total += float(loss.detach()) / accum
-            record = {"step": self.step, "phase": "adapt", "stitch": anchor, "loss_teacher": total}
+            record = {"step": self.step, "phase": "adapt", "stitch": anchor, **self._losses(loss_teacher=total)}
         else:
             stitch = self.sampler.sample()
             params = self.model.member_parameters(stitch)
@@ -321,8 +324,8 @@ class Trainer:
                 count += value.numel()
             if count > 0:
                 self.sampler.update(stitch, max(0.0, all_reduce_score(total)), count)
-            record = {"step": self.step, "phase": "stitch", "stitch": stitch, "loss_teacher": lt,
-                      "loss_stitch": ls, "snip": total / count if count else float("nan")}
+            record = {"step": self.step, "phase": "stitch", "stitch": stitch,
+                      **self._losses(loss_teacher=lt, loss_stitch=ls), "snip": total / count if count else float("nan")}
         if c.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.clip_grad)
         self.optimizer.step()
@@ -332,6 +335,15 @@ class Trainer:
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         self.history.append(record)
         return record
+
+    def _losses(self, **local: float) -> Dict[str, float]:
+        """The step's losses for the history: the global batch's mean (averaged over ranks under DDP, every
+        rank calls this), plus this rank's own value as rank_<name> when distributed."""
+        if not self.distributed:
+            return dict(local)
+        out = {k: all_reduce_score(v) for k, v in local.items()}
+        out.update({f"rank_{k}": v for k, v in local.items()})
+        return out
 
     def _start_stitch_phase(self) -> None:
         """adapt-then-stitch: re-solve the stitching layers on the adapted anchors, then a fresh optimizer."""
@@ -347,7 +359,8 @@ class Trainer:
         bar = None
         if progress and self.rank == 0:
             from tqdm.auto import tqdm
-            bar = tqdm(total=end - self.step, desc="train", unit="step", leave=False)
+            # disable=None: no bar without a TTY (logs stay readable)
+            bar = tqdm(total=end - self.step, desc="train", unit="step", leave=False, disable=None)
         out = []
         while self.step < end:
             record = self.train_step()
@@ -424,20 +437,36 @@ def _value(p):
 
 
 @torch.no_grad()
+def _no_buffer_sync() -> Dict[str, bool]:
+    """DDP's switch for "no buffer broadcast before each forward": `forward_sync_buffers=False` where torch
+    has it (2.13+, which deprecates `broadcast_buffers`), else `broadcast_buffers=False`. Buffers are
+    equal on every rank here anyway (same seed, same stitch), so the init-time sync the new flag keeps is
+    harmless."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def evaluate(model, data, stitches=None, *, batch_size: int = 256, device=None, bf16: bool = False,
-             progress: bool = False) -> Dict[int, float]:
-    """Top-1 accuracy of each member in `stitches` (default: all) on a dataset of (input, label) pairs."""
+             progress: bool = False, per_example: bool = False):
+    """Top-1 accuracy of each member in `stitches` (default: all) on a dataset of (input, label) pairs:
+    {id: accuracy}. With `per_example=True`, returns `(accuracy, correct)` where correct[id] is a CPU bool
+    tensor with one entry per example in data order (what `esta.deploy.build_report` needs for its paired
+    significance test)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stitches = list(range(len(model))) if stitches is None else list(stitches)
     was_training = model.training
     model.eval()
     correct = {i: 0 for i in stitches}
+    hits: Dict[int, List[Tensor]] = {i: [] for i in stitches}
     n = 0
     batches = [list(range(s, min(s + batch_size, len(data)))) for s in range(0, len(data), batch_size)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(batches) * len(stitches), desc="evaluate", unit="pass", leave=False)
+        bar = tqdm(total=len(batches) * len(stitches), desc="evaluate", unit="pass", leave=False,
+                   disable=None)  # no bar without a TTY
     try:
         for idx in batches:
             x, y = _stack([data[i] for i in idx])
@@ -446,11 +475,17 @@ def evaluate(model, data, stitches=None, *, batch_size: int = 256, device=None, 
             for i in stitches:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     pred = model(x, stitch=i).argmax(-1)
-                correct[i] += int((pred == y).sum())
+                hit = pred == y
+                correct[i] += int(hit.sum())
+                if per_example:
+                    hits[i].append(hit.cpu())
                 if bar is not None:
                     bar.update(1)
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return {i: correct[i] / max(1, n) for i in stitches}
+    accuracy = {i: correct[i] / max(1, n) for i in stitches}
+    if per_example:
+        return accuracy, {i: torch.cat(hits[i]) if hits[i] else torch.zeros(0, dtype=torch.bool) for i in stitches}
+    return accuracy

@@ -154,6 +154,12 @@ def test_evaluate_counts_correctly():
     with torch.no_grad():
         for i in (0, 4):
             assert acc[i] == pytest.approx(float((model(x, stitch=i).argmax(-1) == y).float().mean()))
+    acc2, correct = evaluate(model, data, [0, 4], batch_size=7, per_example=True)
+    assert acc2 == acc
+    with torch.no_grad():
+        for i in (0, 4):
+            assert correct[i].dtype == torch.bool and correct[i].shape == (20,)
+            assert torch.equal(correct[i], model(x, stitch=i).argmax(-1) == y)  # in data order, across batches
 
 
 def test_config_errors():
