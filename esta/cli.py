@@ -14,6 +14,7 @@ Config (JSON, or TOML by the .toml extension); unknown keys are errors:
      "data": {"folder": "path", "train": "train", "test": "val", "image_size": 224}   # torchvision ImageFolder
           or {"builtin": "digits-5to9"},                                               # a shipped dataset
      "num_classes": 10,                       # the task's classes: the anchors' heads are re-made for it
+                                              # (must match the data; leave it out to keep the anchors' heads)
      "stitching": {"kernel_size": 2, "stride": 1},
      "train": {...esta.train.TrainConfig keys...},
      "evaluate": {"all": true, "batch_size": 256}}
@@ -155,10 +156,14 @@ def build_data(config: dict):
     """(train, test) datasets of (input, label) pairs."""
     spec = config["data"]
     if "builtin" in spec:
-        from esta.demo.data import TASKS, load_task
+        from esta.demo.data import NUM_CLASSES, TASKS, load_task
 
         if spec["builtin"] not in TASKS:
             raise ConfigError(f"unknown builtin dataset {spec['builtin']!r}; shipped: {', '.join(sorted(TASKS))}")
+        n = config.get("num_classes")
+        if n is not None and n != NUM_CLASSES:
+            raise ConfigError(f"config.num_classes is {n} but the builtin dataset {spec['builtin']!r} has "
+                              f"{NUM_CLASSES} classes")
         return tuple(torch.utils.data.TensorDataset(*load_task(spec["builtin"], split)) for split in ("train", "test"))
     from torchvision import datasets, transforms
 
@@ -175,7 +180,17 @@ def build_data(config: dict):
             raise ConfigError(f"data folder {path} does not exist (expected ImageFolder layout: "
                               f"{root}/<split>/<class>/<image>)")
         out.append(datasets.ImageFolder(path, transform=tf))
-    return tuple(out)
+    train, test = out
+    # ImageFolder numbers the classes by the sorted folder names of each split separately: a class missing
+    # from one split would silently shift every label after it
+    if train.classes != test.classes:
+        only = sorted(set(train.classes) ^ set(test.classes))
+        raise ConfigError(f"the class folders of {train.root} and {test.root} differ ({', '.join(only[:6])}): "
+                          f"both splits need the same classes")
+    n = config.get("num_classes")
+    if n is not None and n != len(train.classes):
+        raise ConfigError(f"config.num_classes is {n} but {train.root} has {len(train.classes)} class folders")
+    return train, test
 
 
 # ---------------------------------------------------------------------------------------- commands

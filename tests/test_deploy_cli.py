@@ -156,6 +156,65 @@ def test_cli_train_deploy_export(tmp_path, capsys):
     assert "outside" in capsys.readouterr().err
 
 
+def _image_folder(root, splits=("train", "val"), classes=("ant", "bee", "cat"), per_class=6):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in splits:
+        for k, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                size = (10 + i % 3, 12)  # mixed sizes: the transform resizes and crops
+                pixels = (torch.rand(size[1], size[0], 3, generator=g) * 80 + 60 * k).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(d / f"{i}.png")
+    return str(root)
+
+
+def test_cli_train_from_an_image_folder(tmp_path, capsys):
+    pytest.importorskip("torchvision", reason="ImageFolder data needs torchvision")
+    pytest.importorskip("PIL", reason="ImageFolder data needs pillow")
+    root = _image_folder(tmp_path / "images")
+    rgb = {"img_size": 8, "patch_size": 2, "in_chans": 3, "depth": 2, "num_heads": 2}
+    config = _tiny_config(tmp_path, data={"folder": root, "image_size": 8}, num_classes=3,
+                          anchors=[{"timm": "vit_tiny_patch16_224", "kwargs": {**rgb, "embed_dim": 8}},
+                                   {"timm": "vit_tiny_patch16_224", "kwargs": {**rgb, "embed_dim": 16}}],
+                          stitching={"calibration_images": 12},
+                          train={"epochs": 2, "batch_size": 6, "warmup_epochs": 0.5, "sampler_warmup_epochs": 0.5,
+                                 "num_intervals": 3})
+    out = tmp_path / "run"
+    assert main(["train", "--config", config, "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 2 * (18 // 6)  # 18 training images, batch 6, 2 epochs
+    accs = [m["accuracy"] for m in report["members"]]
+    assert all(a is not None and a * 18 == pytest.approx(round(a * 18)) for a in accs)  # counts over 18 images
+    assert "Pareto frontier" in capsys.readouterr().out
+
+
+def test_cli_image_folder_errors(tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "images"
+    _image_folder(root, per_class=1)
+    shutil.rmtree(root / "val" / "bee")  # the test split lacks a class: labels would shift
+    code = main(["train", "--config", _tiny_config(tmp_path, data={"folder": str(root)}, num_classes=3),
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "class folders of" in err and "bee" in err, err
+    root2 = tmp_path / "images2"
+    _image_folder(root2, per_class=1)
+    code = main(["train", "--config", _tiny_config(tmp_path, data={"folder": str(root2)}, num_classes=5),
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_classes is 5" in err and "3 class folders" in err, err
+    (root2 / "val").rename(root2 / "test")
+    code = main(["train", "--config", _tiny_config(tmp_path, data={"folder": str(root2)}, num_classes=3),
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "val does not exist (expected ImageFolder layout" in err, err
+
+
 @pytest.mark.parametrize("over, match", [
     ({"learning_rate": 1}, "unknown key.*learning_rate"),
     ({"train": {"epochz": 1}}, "config.train: .*unknown key.*epochz"),
@@ -163,6 +222,7 @@ def test_cli_train_deploy_export(tmp_path, capsys):
     ({"anchors": [{"timm": "vit_nonexistent_model"}, {"timm": "vit_tiny_patch16_224"}]}, "unknown anchor 'vit_nonexistent_model'"),
     ({"anchors": [{"demo": "nope"}, {"demo": "nope2"}]}, "unknown demo anchor 'nope'"),
     ({"data": {"builtin": "mnist"}}, "unknown builtin dataset 'mnist'"),
+    ({"num_classes": 10}, "num_classes is 10 but the builtin dataset 'digits-5to9' has 5 classes"),
     ({"anchors": [{"timm": "vit_tiny_patch16_224", "colour": 1}, {"timm": "vit_tiny_patch16_224"}]}, r"anchors\[0\].*colour"),
 ])
 def test_cli_config_errors(tmp_path, capsys, over, match):
