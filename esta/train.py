@@ -13,6 +13,9 @@ One optimizer step (per micro-batch of gradient accumulation, losses divided by 
      already in `.grad`, is subtracted out through a snapshot of the stitch's parameters' gradients; over
      micro-batches the stitch-only gradients are summed first, so accumulation gives the score of the full
      batch), averaged over ranks, and fed to the sampler (`esta.sampling.TaskSpecificSampler`);
+     when the sampler draws the largest anchor itself, step 2 is skipped (distilling it into itself would
+     train it twice on the batch toward its own predictions): it is trained once by step 1 and its score is
+     read from step 1's gradient, its own training loss, and the history's loss_stitch is that loss;
   4. gradients are clipped (optional), AdamW steps, the schedule steps.
 The teacher runs first and its graph is freed before the stitch runs, so the two graphs never coexist.
 
@@ -294,21 +297,28 @@ class Trainer:
             record = {"step": self.step, "phase": "adapt", "stitch": anchor, **self._losses(loss_teacher=total)}
         else:
             stitch = self.sampler.sample()
+            # drawn itself, the teacher is trained once (its cross-entropy) and scored on that gradient
+            alone = stitch == self.teacher
             params = self.model.member_parameters(stitch)
             own: Dict[int, Tensor] = {}
             lt = ls = 0.0
             for x, y in self._batches(self.step):
+                if alone:
+                    before = [None if _grad(p) is None else _grad(p).clone() for p in params]
                 with self._autocast():
                     logits_t = self.net(x, stitch=self.teacher).float()
                     loss_t = F.cross_entropy(logits_t, y)
                 (loss_t / accum).backward()
-                hard = logits_t.detach().argmax(-1)
-                before = [None if _grad(p) is None else _grad(p).clone() for p in params]
-                with self._autocast():
-                    logits_s = self.net(x, stitch=stitch).float()
-                    loss_s = (1 - c.distill_weight) * F.cross_entropy(logits_s, y) \
-                        + c.distill_weight * F.cross_entropy(logits_s, hard)
-                (loss_s / accum).backward()
+                if alone:
+                    loss_s = loss_t
+                else:
+                    hard = logits_t.detach().argmax(-1)
+                    before = [None if _grad(p) is None else _grad(p).clone() for p in params]
+                    with self._autocast():
+                        logits_s = self.net(x, stitch=stitch).float()
+                        loss_s = (1 - c.distill_weight) * F.cross_entropy(logits_s, y) \
+                            + c.distill_weight * F.cross_entropy(logits_s, hard)
+                    (loss_s / accum).backward()
                 for k, (p, g0) in enumerate(zip(params, before)):
                     g = _grad(p)
                     if g is None:

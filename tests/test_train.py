@@ -64,6 +64,38 @@ def test_step_trains_teacher_and_stitch_and_scores_snip():
     assert trainer.sampler.scores[i].item() == pytest.approx(total / count, rel=1e-6)
 
 
+def test_drawn_teacher_is_trained_once_and_scored_on_its_own_loss():
+    model = _fresh()
+    trainer = Trainer(model, _data(), _config(batch_size=4, accum_steps=2))
+    teacher = trainer.teacher
+    assert teacher == len(model.anchors) - 1
+    trainer.sampler.sample = lambda: teacher  # the sampler draws the largest anchor itself
+    calls = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("stitch")), with_kwargs=True)
+    grads = _record_grads(trainer)
+    before = _trainable(model)
+    record = trainer.train_step()
+    assert calls == [teacher, teacher]  # one forward per micro-batch: no second, self-distilling pass
+    assert record["stitch"] == teacher and record["loss_stitch"] == record["loss_teacher"]
+    # the step's gradient is the teacher's cross-entropy on the whole batch, once
+    model2 = _fresh()
+    model2.to_pst()
+    model2.load_state_dict({**model2.state_dict(), **before})
+    x = torch.cat([b[0] for b in trainer._batches(0)])
+    y = torch.cat([b[1] for b in trainer._batches(0)])
+    model2.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model2(x, stitch=teacher), y)
+    loss.backward()
+    assert record["loss_teacher"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    expected = {n: p.grad for n, p in model2.named_parameters() if p.grad is not None}
+    assert grads[0].keys() == expected.keys()
+    for n in expected:
+        torch.testing.assert_close(grads[0][n], expected[n], rtol=1e-4, atol=1e-7, msg=n)
+    # ... and its score is the SNIP of that gradient
+    total, count = snip_score(model2.member_parameters(teacher))
+    assert trainer.sampler.scores[teacher].item() == pytest.approx(total / count, rel=1e-5)
+
+
 def _record_grads(trainer):
     grads = []
     step = trainer.optimizer.step
