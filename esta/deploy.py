@@ -6,8 +6,10 @@
 
 The Pareto frontier is measured on the evaluated members: member i is on it when no other evaluated member
 has FLOPs <= i's and accuracy >= i's with one of the two strict. The report states how many deployed
-members are on it (the paper's claim is "mostly"), and the share a uniformly random member per interval
-would reach on average (`share_on_front_random_pick`), the chance level the scores should beat.
+members are on it (the paper's claim is "mostly"), the share a uniformly random member per interval
+would reach on average (`share_on_front_random_pick`), the chance level the scores should beat, and how
+many deployed members are the most accurate evaluated member of their own interval
+(`deployed_best_in_interval`: the score's ranking, free of how the intervals compare with each other).
 
 How much of that the test set can tell. A frontier measured on a few hundred images is partly noise: two
 stitches of one interval often differ by less than one standard error of an accuracy. Given the per-example
@@ -123,6 +125,11 @@ def build_report(model, sampler, flops: Sequence[float], accuracy: Optional[Dict
         report["pareto_front"] = front
         report["deployed_on_front"] = on
         report["share_deployed_on_front"] = len(on) / len(evaluated) if evaluated else None
+        # deployed members that are the most accurate evaluated member of their interval
+        best = [r["deployed"] for r in rows if r["deployed"] in accuracy and accuracy[r["deployed"]] >=
+                max(accuracy[i] for i in r["members"] if i in accuracy)]
+        report["deployed_best_in_interval"] = best
+        report["share_best_in_interval"] = len(best) / len(evaluated) if evaluated else None
         # the same share for a uniformly random member per interval (the chance level of the selection)
         pools = [[i for i in r["members"] if i in accuracy] for r in rows if r["deployed"] in accuracy]
         report["share_on_front_random_pick"] = (
@@ -175,6 +182,9 @@ def format_table(report: dict) -> str:
         lines.append(f"deployed on the measured Pareto frontier (*): {on} of {len(report['deployed'])} "
                      f"({100 * report['share_deployed_on_front']:.0f}%" +
                      ("" if chance is None else f"; a random member per interval: {100 * chance:.0f}% expected") + ")")
+    if report.get("share_best_in_interval") is not None:
+        lines.append(f"deployed that are their interval's most accurate member: "
+                     f"{len(report['deployed_best_in_interval'])} of {len(report['deployed'])}")
     if sig is not None:
         clear = len(sig["deployed_not_significantly_dominated"])
         lines.append(f"deployed not significantly dominated (exact McNemar, p >= {sig['alpha']:g}, "

@@ -73,6 +73,8 @@ def test_report_json_plot_and_share(tmp_path):
     on = [i for i in deployed if i in front]
     assert report["deployed_on_front"] == on
     assert report["share_deployed_on_front"] == pytest.approx(len(on) / len(deployed))
+    best = [d for d, members in zip(deployed, sampler.intervals) if accuracy[d] == max(accuracy[i] for i in members)]
+    assert report["deployed_best_in_interval"] == best and report["share_best_in_interval"] == len(best) / len(deployed)
     chance = [sum(i in front for i in members) / len(members) for members in sampler.intervals]
     assert report["share_on_front_random_pick"] == pytest.approx(sum(chance) / len(chance))
     paths = write_report(report, str(tmp_path / "r"))
@@ -81,7 +83,7 @@ def test_report_json_plot_and_share(tmp_path):
     png = (tmp_path / "r" / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000 and "png" in paths
     table = format_table(report)
-    assert "Pareto frontier" in table and len(table.splitlines()) == len(deployed) + 2
+    assert "Pareto frontier" in table and len(table.splitlines()) == len(deployed) + 3
     assert "significance" not in report  # no per-example results given
     # with per-example results: the paired test per deployed member
     g = torch.Generator().manual_seed(1)
@@ -99,7 +101,7 @@ def test_report_json_plot_and_share(tmp_path):
     assert sig["deployed_not_significantly_dominated"] == clear
     assert sig["share_not_significantly_dominated"] == pytest.approx(len(clear) / len(deployed))
     assert "not significantly dominated" in format_table(sig_report)
-    assert len(format_table(sig_report).splitlines()) == len(deployed) + 3
+    assert len(format_table(sig_report).splitlines()) == len(deployed) + 4
     with pytest.raises(ValueError, match="no per-example results for evaluated members"):
         build_report(model, sampler, flops, acc, correct={0: correct[0]})
     with pytest.raises(ValueError, match="alpha must be in"):

@@ -1,1 +1,2 @@
-"""Demo assets for `esta demo`: a small real task (scikit-learn digits) and pretrained ViT anchors."""
+"""Demo assets for `esta demo`: small ViT anchors pretrained on scikit-learn's digits 0-4, and the tasks
+(`esta.demo.data`): digits and letters rendered from matplotlib's bundled fonts, the demo's target task."""
