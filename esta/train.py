@@ -300,11 +300,15 @@ class Trainer:
             # drawn itself, the teacher is trained once (its cross-entropy) and scored on that gradient
             alone = stitch == self.teacher
             params = self.model.member_parameters(stitch)
+
+            def snapshot():  # the gradients before the pass whose own gradient is the score's
+                return [None if _grad(p) is None else _grad(p).clone() for p in params]
+
             own: Dict[int, Tensor] = {}
             lt = ls = 0.0
             for x, y in self._batches(self.step):
                 if alone:
-                    before = [None if _grad(p) is None else _grad(p).clone() for p in params]
+                    before = snapshot()
                 with self._autocast():
                     logits_t = self.net(x, stitch=self.teacher).float()
                     loss_t = F.cross_entropy(logits_t, y)
@@ -313,7 +317,7 @@ class Trainer:
                     loss_s = loss_t
                 else:
                     hard = logits_t.detach().argmax(-1)
-                    before = [None if _grad(p) is None else _grad(p).clone() for p in params]
+                    before = snapshot()
                     with self._autocast():
                         logits_s = self.net(x, stitch=stitch).float()
                         loss_s = (1 - c.distill_weight) * F.cross_entropy(logits_s, y) \
@@ -446,7 +450,6 @@ def _value(p):
     return p[0].detach()[p[1]] if isinstance(p, tuple) else p.detach()
 
 
-@torch.no_grad()
 def _no_buffer_sync() -> Dict[str, bool]:
     """DDP's switch for "no buffer broadcast before each forward": `forward_sync_buffers=False` where torch
     has it (2.13+, which deprecates `broadcast_buffers`), else `broadcast_buffers=False`. Buffers are
@@ -458,6 +461,7 @@ def _no_buffer_sync() -> Dict[str, bool]:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
+@torch.no_grad()
 def evaluate(model, data, stitches=None, *, batch_size: int = 256, device=None, bf16: bool = False,
              progress: bool = False, per_example: bool = False):
     """Top-1 accuracy of each member in `stitches` (default: all) on a dataset of (input, label) pairs:

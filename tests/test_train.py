@@ -186,7 +186,11 @@ def test_evaluate_counts_correctly():
     with torch.no_grad():
         for i in (0, 4):
             assert acc[i] == pytest.approx(float((model(x, stitch=i).argmax(-1) == y).float().mean()))
+    grad_mode = []
+    hook = model.register_forward_hook(lambda m, args, out: grad_mode.append(torch.is_grad_enabled()))
     acc2, correct = evaluate(model, data, [0, 4], batch_size=7, per_example=True)
+    hook.remove()
+    assert grad_mode and not any(grad_mode)  # evaluation builds no autograd graph
     assert acc2 == acc
     with torch.no_grad():
         for i in (0, 4):
