@@ -32,14 +32,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 __all__ = ["pareto_front", "mcnemar_p", "dominance", "build_report", "write_report", "format_table"]
 
 
+def _dominates(j: int, i: int, flops, accuracy) -> bool:
+    """Member j dominates member i: FLOPs <= and accuracy >=, one of the two strict."""
+    return (flops[j] <= flops[i] and accuracy[j] >= accuracy[i]
+            and (flops[j] < flops[i] or accuracy[j] > accuracy[i]))
+
+
 def pareto_front(flops: Dict[int, float], accuracy: Dict[int, float]) -> List[int]:
     """Ids of the members (keys of `accuracy`) that no other member dominates, in ascending FLOPs."""
     ids = sorted(accuracy, key=lambda i: (flops[i], -accuracy[i], i))
     front, best = [], float("-inf")
     for i in ids:
         if accuracy[i] > best:
-            dominated = any(flops[j] <= flops[i] and accuracy[j] >= accuracy[i] and
-                            (flops[j] < flops[i] or accuracy[j] > accuracy[i]) for j in accuracy if j != i)
+            dominated = any(_dominates(j, i, flops, accuracy) for j in accuracy if j != i)
             if not dominated:
                 front.append(i)
             best = accuracy[i]
@@ -73,10 +78,7 @@ def dominance(member: int, flops: Dict[int, float], accuracy: Dict[int, float],
     mine = torch.as_tensor(correct[member], dtype=torch.bool)
     best: Tuple[Optional[int], float] = (None, 1.0)
     for j in accuracy:
-        if j == member or j not in correct:
-            continue
-        if not (flops[j] <= flops[member] and accuracy[j] >= accuracy[member]
-                and (flops[j] < flops[member] or accuracy[j] > accuracy[member])):
+        if j == member or j not in correct or not _dominates(j, member, flops, accuracy):
             continue
         other = torch.as_tensor(correct[j], dtype=torch.bool)
         if other.shape != mine.shape:
