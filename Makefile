@@ -1,5 +1,5 @@
 # Entry points, each doing all the set-up on a fresh machine:
-#   make demo    the main job: `esta demo`, ESTA on shipped anchors and data (a few minutes on 2 CPU cores)
+#   make demo    the main job: `esta demo`, ESTA on shipped anchors and data (about a minute on 2 CPU cores)
 #   make test    the test suite (interpreter tests of the Triton kernels and their sm_80/sm_90 compile included)
 #   make bench   the fused stitched-linear benchmark comparison on this machine
 PYTHON ?= python3

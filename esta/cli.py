@@ -296,9 +296,11 @@ def _demo_config(args) -> dict:
         "data": {"builtin": "letters-cgoqd"},
         "num_classes": 5,
         "stitching": {"kernel_size": 2, "stride": 1, "calibration_images": 100},
-        # temperature 0.1: the sampler concentrates each interval's steps on its top-score member (README)
+        # temperature 0.1: the sampler concentrates each interval's steps on its top-score member; the relative
+        # score (SNIP / loss) keeps an unfit member's large gradients from taking its interval over (README)
         "train": {"epochs": args.epochs, "batch_size": 32, "base_lr": 4e-2, "warmup_epochs": 2,
-                  "sampler_warmup_epochs": 3, "num_intervals": 6, "temperature": 0.1, "seed": args.seed},
+                  "sampler_warmup_epochs": 3, "num_intervals": 6, "temperature": 0.1, "score": "relative-snip",
+                  "seed": args.seed},
         "evaluate": {"all": True, "batch_size": 512},
         "device": "cpu",
     }

@@ -7,6 +7,7 @@
         loss.backward()
         total, count = snip_score(params_of_stitch_i)        # from the gradients the step computed anyway
         sampler.update(i, all_reduce_score(total), count)    # EMA of the per-parameter SNIP score
+        # or, relative: sampler.update(i, all_reduce_score(total), count, loss=all_reduce_score(loss.item()))
         optimizer.step(); optimizer.zero_grad()
     deployed = sampler.deploy()                  # the top-score stitch of each FLOPs interval, no evaluation
 
@@ -42,9 +43,17 @@ to let the scores settle.
 Normalization (how stitches with few and many parameters compare fairly).
   1. Per stitch. A SNIP sum grows with the number of parameters summed, so `update(i, Q, count)` with the
      element count of those parameters (the second value `snip_score` returns) records the mean saliency
-     per parameter, s = Q / count. Without a count, s = Q (the raw sum). The first update fixes the mode for
-     the sampler: mixing updates with and without a count raises ValueError, as it would compare means with
-     sums.
+     per parameter, s = Q / count. Without a count, s = Q (the raw sum).
+     Relative score (optional): `update(i, Q, count, loss=L)` with the loss L whose gradient gave Q also
+     divides by L: s = Q / (count * L) = sum |theta * d(log L)/d theta| / count, the SNIP saliency of the
+     log-loss, i.e. the relative change of the loss when the parameters are removed. A plain SNIP sum
+     scales with the loss itself: a stitch that the training has not fit yet (high loss, large gradients)
+     outscores a well-fit one in its interval whatever its parameters are worth, and with a sharp softmax
+     one lucky draw of a poor stitch late in training can then take its interval over. Dividing by the loss
+     removes that scale (esta.train's `score="relative-snip"`; README: the demo measured with both).
+     The first update fixes the mode for the sampler: mixing updates with and without a count, or with
+     and without a loss, raises ValueError, as it would compare means with sums or relative with absolute
+     saliencies.
   2. EMA (eq. (3)). q_i = momentum * q_i + (1 - momentum) * s on each update of stitch i; the first update of
      a stitch sets q_i = s (no bias toward an arbitrary starting value). `scores` holds q (float64; nan for a
      stitch never updated).
@@ -239,7 +248,8 @@ class TaskSpecificSampler:
         self._step = 0
         self._scores = torch.full((n,), math.nan, dtype=torch.float64)
         self._updates = torch.zeros(n, dtype=torch.int64)
-        self._score_mode: Optional[str] = None  # "mean" (updates give a count) or "sum"; fixed by the first update
+        # "mean" (updates give a count) or "sum", "/loss" appended when updates give a loss; fixed by the first update
+        self._score_mode: Optional[str] = None
         self._cdf: Dict[int, List[float]] = {}  # interval -> cumulative probabilities, dropped when its scores change
 
     def _build_intervals(self):
@@ -362,10 +372,11 @@ class TaskSpecificSampler:
         self._step += 1
         return i
 
-    def update(self, stitch: int, score: float, count: Optional[int] = None) -> None:
-        """Feeds the SNIP sum `score` of `stitch` (and the number of elements it summed, `count`):
-        s = score / count (or score without a count), then q = momentum * q + (1 - momentum) * s, or q = s on
-        the stitch's first update."""
+    def update(self, stitch: int, score: float, count: Optional[int] = None, *,
+               loss: Optional[float] = None) -> None:
+        """Feeds the SNIP sum `score` of `stitch` (and the number of elements it summed, `count`, and the
+        positive loss whose gradient gave it, `loss`): s = score / count (or score without a count), divided
+        by loss when given, then q = momentum * q + (1 - momentum) * s, or q = s on the stitch's first update."""
         stitch = self._check_id(stitch)
         value = _check_real(_NAME, "score", score)
         if not math.isfinite(value):
@@ -374,14 +385,26 @@ class TaskSpecificSampler:
             raise ValueError(f"{_NAME}: score must be non-negative (a SNIP sum of absolute values), got {value}")
         if count is not None:
             count = _check_int("count", count, 1)
-        mode = "sum" if count is None else "mean"
+        if loss is not None:
+            loss = _check_real(_NAME, "loss", loss)
+            if not (loss > 0 and math.isfinite(loss)):
+                raise ValueError(f"{_NAME}: loss must be a positive finite number (the relative score divides by "
+                                 f"it), got {loss}")
+        mode = ("sum" if count is None else "mean") + ("" if loss is None else "/loss")
         if self._score_mode is not None and mode != self._score_mode:
-            given = "without" if count is None else "with"
-            raise ValueError(f"{_NAME}: update called {given} a count, but earlier updates were "
-                             f"{'with' if self._score_mode == 'mean' else 'without'} one; per-parameter means and "
-                             f"raw SNIP sums cannot be mixed (pass count on every update, or on none)")
+            if mode.split("/")[0] != self._score_mode.split("/")[0]:
+                given = "without" if count is None else "with"
+                raise ValueError(f"{_NAME}: update called {given} a count, but earlier updates were "
+                                 f"{'with' if self._score_mode.startswith('mean') else 'without'} one; per-parameter "
+                                 f"means and raw SNIP sums cannot be mixed (pass count on every update, or on none)")
+            given = "without" if loss is None else "with"
+            raise ValueError(f"{_NAME}: update called {given} a loss, but earlier updates were "
+                             f"{'with' if self._score_mode.endswith('/loss') else 'without'} one; relative and "
+                             f"absolute SNIP scores cannot be mixed (pass loss on every update, or on none)")
         self._score_mode = mode
         s = value / count if count is not None else value
+        if loss is not None:
+            s = s / loss
         if self._updates[stitch] == 0:
             q = s
         else:
@@ -447,8 +470,9 @@ class TaskSpecificSampler:
         if bool((updates < 0).any()) or not torch.equal(torch.isnan(scores), updates == 0):
             raise ValueError(f"{_NAME}.load_state_dict: scores must be nan exactly where num_updates is 0")
         mode = state_dict["score_mode"]
-        if mode not in (None, "mean", "sum"):
-            raise ValueError(f"{_NAME}.load_state_dict: score_mode must be None, 'mean' or 'sum', got {mode!r}")
+        if mode not in (None, "mean", "sum", "mean/loss", "sum/loss"):
+            raise ValueError(f"{_NAME}.load_state_dict: score_mode must be None, 'mean', 'sum', 'mean/loss' or "
+                             f"'sum/loss', got {mode!r}")
         generator = torch.Generator(device="cpu")
         try:
             generator.set_state(state_dict["rng_state"])

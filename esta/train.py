@@ -12,7 +12,10 @@ One optimizer step (per micro-batch of gradient accumulation, losses divided by 
   3. the stitch's SNIP score sum |theta * g| is read from the gradient of step 2 alone (the teacher's gradient,
      already in `.grad`, is subtracted out through a snapshot of the stitch's parameters' gradients; over
      micro-batches the stitch-only gradients are summed first, so accumulation gives the score of the full
-     batch), averaged over ranks, and fed to the sampler (`esta.sampling.TaskSpecificSampler`);
+     batch), averaged over ranks, divided by the number of elements summed (a per-parameter mean) and, with
+     `score="relative-snip"`, by the stitch's loss on the global batch (the loss that gradient came from: the
+     SNIP saliency of log L; see esta/sampling.py for why), and fed to the sampler
+     (`esta.sampling.TaskSpecificSampler`);
      when the sampler draws the largest anchor itself, step 2 is skipped (distilling it into itself would
      train it twice on the batch toward its own predictions): it is trained once by step 1 and its score is
      read from step 1's gradient, its own training loss, and the history's loss_stitch is that loss;
@@ -80,6 +83,7 @@ class TrainConfig:
     num_intervals: int = 15
     temperature: float = 1.0
     momentum: float = 0.9
+    score: str = "snip"            # "snip" (the paper's) or "relative-snip" (divided by the stitch's loss)
     method: str = "adapt-and-stitch"   # or "adapt-then-stitch"
     adapt_epochs: int = 0          # adapt-then-stitch: epochs per anchor before stitching
     finetune: str = "pst"          # "pst" or "full"
@@ -121,7 +125,7 @@ class TrainConfig:
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"TrainConfig: clip_grad must be None or > 0, got {self.clip_grad!r}")
         choices = {"sampling": ("task", "uniform"), "method": ("adapt-and-stitch", "adapt-then-stitch"),
-                   "finetune": ("pst", "full")}
+                   "finetune": ("pst", "full"), "score": ("snip", "relative-snip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -336,10 +340,15 @@ class Trainer:
                 value = _value(params[k])
                 total += float((value.double() * delta.double()).abs().sum())
                 count += value.numel()
+            losses = self._losses(loss_teacher=lt, loss_stitch=ls)  # the global batch's, as the gradient is
             if count > 0:
-                self.sampler.update(stitch, max(0.0, all_reduce_score(total)), count)
+                total = max(0.0, all_reduce_score(total))
+                if c.score == "snip":
+                    self.sampler.update(stitch, total, count)
+                elif losses["loss_stitch"] > 0:  # a zero loss has a zero gradient: nothing to learn from it
+                    self.sampler.update(stitch, total, count, loss=losses["loss_stitch"])
             record = {"step": self.step, "phase": "stitch", "stitch": stitch,
-                      **self._losses(loss_teacher=lt, loss_stitch=ls), "snip": total / count if count else float("nan")}
+                      **losses, "snip": total / count if count else float("nan")}
         if c.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.clip_grad)
         self.optimizer.step()

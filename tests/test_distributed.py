@@ -47,9 +47,11 @@ def _data(n=48, seed=0):
 
 def _config(batch_size):
     # 48 samples / global batch 8 = 6 steps per epoch; the sampler leaves its uniform warm-up after 2 steps,
-    # so steps 2..5 sample from the (all-reduced) scores
+    # so steps 2..5 sample from the (all-reduced) scores. The relative score divides the all-reduced SNIP sum
+    # by the stitch's loss as well, so the bitwise rank agreement below also checks that this is the global
+    # batch's loss on every rank (a rank's own loss would split the ranks' scores, then their stitches).
     return TrainConfig(epochs=2, batch_size=batch_size, warmup_epochs=0.5, sampler_warmup_epochs=0.34,
-                       num_intervals=4, base_lr=0.02, seed=0)
+                       num_intervals=4, base_lr=0.02, seed=0, score="relative-snip")
 
 
 def _fresh(seed=0):

@@ -343,6 +343,47 @@ def test_mixing_counted_and_raw_updates_raises():
         r.update(0, 1.0, 3)
 
 
+def test_relative_score_divides_by_the_loss():
+    s = TaskSpecificSampler([1.0, 2.0, 3.0], num_intervals=1, momentum=0.9)
+    s.update(1, 12.0, 3, loss=2.0)  # q = 12 / 3 / 2 = 2
+    assert float(s.scores[1]) == 2.0
+    s.update(1, 3.0, 2, loss=0.25)  # s = 3 / 2 / 0.25 = 6; q = 0.9 * 2 + 0.1 * 6 = 2.4
+    assert float(s.scores[1]) == pytest.approx(2.4, abs=1e-12)
+    r = TaskSpecificSampler([1.0, 2.0], momentum=0.0)
+    r.update(0, 5.0, loss=np_scalar(0.5))  # raw sums can be relative too: 5 / 0.5
+    assert float(r.scores[0]) == pytest.approx(10.0)
+    # a stitch with twice the loss and twice the gradient (an unfit one) no longer outscores the other
+    t = TaskSpecificSampler([1.0, 2.0], num_intervals=1)
+    t.update(0, 2.0, 1, loss=1.0)
+    t.update(1, 4.0, 1, loss=2.0)
+    assert float(t.scores[0]) == float(t.scores[1])
+    sd = t.state_dict()
+    assert sd["score_mode"] == "mean/loss"
+    u = TaskSpecificSampler([1.0, 2.0], num_intervals=1)
+    u.load_state_dict(sd)
+    with pytest.raises(ValueError, match="without a loss.*relative and absolute"):
+        u.update(0, 1.0, 1)  # the mode travels with the state
+
+
+def np_scalar(v):
+    np = pytest.importorskip("numpy")
+    return np.float32(v)
+
+
+def test_mixing_relative_and_absolute_updates_raises():
+    s = TaskSpecificSampler([1.0, 2.0])
+    s.update(0, 1.0, 4, loss=0.5)
+    with pytest.raises(ValueError, match="without a loss.*relative and absolute"):
+        s.update(1, 1.0, 4)
+    with pytest.raises(ValueError, match="without a count"):
+        s.update(1, 1.0, loss=0.5)
+    r = TaskSpecificSampler([1.0, 2.0])
+    r.update(0, 1.0, 4)
+    with pytest.raises(ValueError, match="with a loss.*relative and absolute"):
+        r.update(0, 1.0, 4, loss=1.0)
+    assert r.num_updates.tolist() == [1, 0] and s.num_updates.tolist() == [1, 0]
+
+
 # ------------------------------------------------------------------------------------------------ deploy
 def test_deploy_top_score_per_interval():
     s = TaskSpecificSampler(FLOPS, num_intervals=4)
@@ -456,6 +497,8 @@ def test_load_state_dict_bad_dicts():
         s.load_state_dict({**sd, "rng_state": torch.zeros(3, dtype=torch.uint8)})
     with pytest.raises(ValueError, match="version"):
         s.load_state_dict({**sd, "version": 99})
+    with pytest.raises(ValueError, match="score_mode must be None, 'mean', 'sum', 'mean/loss' or 'sum/loss'"):
+        s.load_state_dict({**sd, "score_mode": "median"})
     with pytest.raises(ValueError, match="config differs.*flops"):
         TaskSpecificSampler(FLOPS + [1.0], num_intervals=4, warmup_steps=15, temperature=0.5,
                             seed=7).load_state_dict(sd)
@@ -517,11 +560,19 @@ def test_constructor_bad_inputs(kwargs, exc, match):
     ((0, 1.0, -4), ValueError, "count must be at least 1"),
     ((0, 1.0, True), TypeError, "count must be an int"),
     ((0, 1.0, 2.0), TypeError, "count must be an int"),
+    ((0, 1.0, 2, 0.0), ValueError, "loss must be a positive finite number"),
+    ((0, 1.0, 2, -1.0), ValueError, "loss must be a positive finite number"),
+    ((0, 1.0, 2, float("nan")), ValueError, "loss must be a positive finite number"),
+    ((0, 1.0, 2, float("inf")), ValueError, "loss must be a positive finite number"),
+    ((0, 1.0, 2, "1"), TypeError, "loss must be a real number"),
 ])
 def test_update_bad_inputs(args, exc, match):
     s = TaskSpecificSampler([1.0, 2.0, 3.0])
     with pytest.raises(exc, match=match):
-        s.update(*args)
+        if len(args) == 4:
+            s.update(*args[:3], loss=args[3])
+        else:
+            s.update(*args)
     assert torch.isnan(s.scores).all() and s.num_updates.sum() == 0  # nothing recorded
 
 

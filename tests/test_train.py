@@ -35,9 +35,10 @@ def _trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_step_trains_teacher_and_stitch_and_scores_snip():
+@pytest.mark.parametrize("score", ["snip", "relative-snip"])
+def test_step_trains_teacher_and_stitch_and_scores_snip(score):
     model = _fresh()
-    trainer = Trainer(model, _data(), _config())
+    trainer = Trainer(model, _data(), _config(score=score))
     assert trainer.lr == pytest.approx(0.02 * 8 / 256)
     before = _trainable(model)
     record = trainer.train_step()
@@ -59,9 +60,13 @@ def test_step_trains_teacher_and_stitch_and_scores_snip():
         hard = model2(x, stitch=len(model2.anchors) - 1).argmax(-1)
     model2.zero_grad(set_to_none=True)
     logits = model2(x, stitch=i)
-    (0.5 * F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(logits, hard)).backward()
+    loss = 0.5 * F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(logits, hard)
+    loss.backward()
+    assert record["loss_stitch"] == pytest.approx(float(loss.detach()), rel=1e-6)
     total, count = snip_score(model2.member_parameters(i))
-    assert trainer.sampler.scores[i].item() == pytest.approx(total / count, rel=1e-6)
+    expected = total / count if score == "snip" else total / count / float(loss.detach())  # relative: SNIP of log L
+    assert record["snip"] == pytest.approx(total / count, rel=1e-6)
+    assert trainer.sampler.scores[i].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_drawn_teacher_is_trained_once_and_scored_on_its_own_loss():
@@ -108,10 +113,11 @@ def _record_grads(trainer):
     return grads
 
 
-def test_accumulation_matches_one_big_batch():
+@pytest.mark.parametrize("score", ["snip", "relative-snip"])
+def test_accumulation_matches_one_big_batch(score):
     a, b = _fresh(), _fresh()
-    ta = Trainer(a, _data(), _config(batch_size=8, accum_steps=2))
-    tb = Trainer(b, _data(), _config(batch_size=16, accum_steps=1))
+    ta = Trainer(a, _data(), _config(batch_size=8, accum_steps=2, score=score))
+    tb = Trainer(b, _data(), _config(batch_size=16, accum_steps=1, score=score))
     assert ta.global_batch == tb.global_batch == 16 and ta.lr == tb.lr
     ga, gb = _record_grads(ta), _record_grads(tb)
     ra, rb = ta.train_step(), tb.train_step()
@@ -203,7 +209,8 @@ def test_config_errors():
         TrainConfig.from_dict({"learning_rate": 1.0})
     for kw, match in [(dict(epochs=0), "epochs"), (dict(sampling="best"), "sampling"),
                       (dict(distill_weight=2.0), "distill_weight"), (dict(momentum=1.0), "momentum"),
-                      (dict(method="adapt-then-stitch"), "adapt_epochs"), (dict(base_lr=0), "base_lr")]:
+                      (dict(method="adapt-then-stitch"), "adapt_epochs"), (dict(base_lr=0), "base_lr"),
+                      (dict(score="grasp"), "score must be one of snip, relative-snip")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig.from_dict(kw)
     with pytest.raises(ValueError, match="smaller than one global batch"):
