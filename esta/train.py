@@ -14,8 +14,8 @@ One optimizer step (per micro-batch of gradient accumulation, losses divided by 
      micro-batches the stitch-only gradients are summed first, so accumulation gives the score of the full
      batch), averaged over ranks, divided by the number of elements summed (a per-parameter mean) and, with
      `score="relative-snip"`, by the stitch's loss on the global batch (the loss that gradient came from: the
-     SNIP saliency of log L; see esta/sampling.py for why), and fed to the sampler
-     (`esta.sampling.TaskSpecificSampler`);
+     SNIP saliency of log L; see esta/sampling.py for why; a step whose loss is exactly 0 has no gradient
+     and leaves that score alone), and fed to the sampler (`esta.sampling.TaskSpecificSampler`);
      when the sampler draws the largest anchor itself, step 2 is skipped (distilling it into itself would
      train it twice on the batch toward its own predictions): it is trained once by step 1 and its score is
      read from step 1's gradient, its own training loss, and the history's loss_stitch is that loss;

@@ -69,6 +69,17 @@ def test_step_trains_teacher_and_stitch_and_scores_snip(score):
     assert trainer.sampler.scores[i].item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("score", ["snip", "relative-snip"])
+def test_a_zero_loss_leaves_the_relative_score_alone(score):
+    # the relative score divides by the stitch's loss: a step whose (global) loss is 0 carries no gradient to
+    # learn from, so the sampler is not updated; the plain SNIP score is updated as usual
+    trainer = Trainer(_fresh(), _data(), _config(score=score))
+    trainer._losses = lambda **local: {k: 0.0 for k in local}
+    record = trainer.train_step()
+    assert record["snip"] > 0
+    assert int(trainer.sampler.num_updates.sum()) == (1 if score == "snip" else 0)
+
+
 def test_drawn_teacher_is_trained_once_and_scored_on_its_own_loss():
     model = _fresh()
     trainer = Trainer(model, _data(), _config(batch_size=4, accum_steps=2))
