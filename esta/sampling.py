@@ -74,7 +74,8 @@ Distributed training. `sample()` depends only on the seed and the sampler's stat
 so every rank draws the same stitch as long as every rank feeds `update()` the same values in the same order.
 Pass the score through `all_reduce_score` (the mean over ranks; with DDP the gradients, hence the scores,
 are already equal on all ranks, and the reduction keeps them bitwise identical; with sharded parameters sum
-both: `all_reduce_score(total, op="sum")` and `int(all_reduce_score(count, op="sum"))`).
+both: `all_reduce_score(total, op="sum")` and `int(all_reduce_score(count, op="sum"))`). `all_reduce_scores`
+reduces several numbers (the score and the step's losses, say) in one collective.
 
 Resume. `state_dict()` holds the config, step, scores, update counts, the score mode and the state of the
 sampler's private `torch.Generator` (seeded with `seed`, never the global RNG); `load_state_dict` checks that
@@ -90,7 +91,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["TaskSpecificSampler", "snip_score", "all_reduce_score"]
+__all__ = ["TaskSpecificSampler", "snip_score", "all_reduce_score", "all_reduce_scores"]
 
 _NAME = "TaskSpecificSampler"
 _STATE_VERSION = 1
@@ -146,20 +147,33 @@ def all_reduce_score(score: float, op: str = "mean") -> float:
     torch.distributed process group; the value itself (as a float) when torch.distributed is not
     initialized. Every rank must call it. The reduction runs in float64 on the device the backend needs
     (the current CUDA device for NCCL, the CPU otherwise)."""
-    value = _check_real("all_reduce_score", "score", score)
+    return _all_reduce("all_reduce_score", [_check_real("all_reduce_score", "score", score)], op)[0]
+
+
+def all_reduce_scores(scores: Sequence[float], op: str = "mean") -> List[float]:
+    """`all_reduce_score` of several numbers in one collective (one host sync on NCCL instead of one per
+    number); a list of floats in the same order."""
+    if isinstance(scores, (str, bytes, torch.Tensor)) or not isinstance(scores, Sequence):
+        raise TypeError(f"all_reduce_scores: scores must be a sequence of real numbers, got {type(scores).__name__}")
+    values = [_check_real("all_reduce_scores", f"scores[{i}]", v) for i, v in enumerate(scores)]
+    return _all_reduce("all_reduce_scores", values, op)
+
+
+def _all_reduce(where: str, values: List[float], op: str) -> List[float]:
     if op not in ("mean", "sum"):
-        raise ValueError(f"all_reduce_score: op must be 'mean' or 'sum', got {op!r}")
+        raise ValueError(f"{where}: op must be 'mean' or 'sum', got {op!r}")
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return values
     backend = str(dist.get_backend()).lower()
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    out = float(t.item())
+    out = t.tolist()
     if op == "mean":
-        out /= dist.get_world_size()
+        world = dist.get_world_size()
+        out = [v / world for v in out]
     return out
 
 

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esta.sampling import TaskSpecificSampler, all_reduce_score
+from esta.sampling import TaskSpecificSampler, all_reduce_scores
 
 __all__ = ["TrainConfig", "Trainer", "prepare_model", "evaluate", "init_distributed", "calibration_images"]
 
@@ -340,9 +340,12 @@ class Trainer:
                 value = _value(params[k])
                 total += float((value.double() * delta.double()).abs().sum())
                 count += value.numel()
-            losses = self._losses(loss_teacher=lt, loss_stitch=ls)  # the global batch's, as the gradient is
+            # one collective: the SNIP sum (equal on all ranks under DDP) and the global batch's losses
+            losses = self._losses(loss_teacher=lt, loss_stitch=ls, snip_total=total)
+            total = losses.pop("snip_total")
+            losses.pop("rank_snip_total", None)
             if count > 0:
-                total = max(0.0, all_reduce_score(total))
+                total = max(0.0, total)
                 if c.score == "snip":
                     self.sampler.update(stitch, total, count)
                 elif losses["loss_stitch"] > 0:  # a zero loss has a zero gradient: nothing to learn from it
@@ -364,7 +367,7 @@ class Trainer:
         rank calls this), plus this rank's own value as rank_<name> when distributed."""
         if not self.distributed:
             return dict(local)
-        out = {k: all_reduce_score(v) for k, v in local.items()}
+        out = dict(zip(local, all_reduce_scores(list(local.values()))))  # one collective for all of them
         out.update({f"rank_{k}": v for k, v in local.items()})
         return out
 

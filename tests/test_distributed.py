@@ -96,7 +96,14 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         assert not [w for w in caught if "broadcast_buffers" in str(w.message)], [str(w.message) for w in caught]
         assert trainer.world == world and trainer.rank == rank
         assert isinstance(trainer.net, torch.nn.parallel.DistributedDataParallel)
-        result = _run(trainer)
+        calls = []  # Python-level all-reduces (DDP's gradient buckets go through its C++ reducer, not this)
+        all_reduce = dist.all_reduce
+        dist.all_reduce = lambda *a, **k: (calls.append(1), all_reduce(*a, **k))[1]
+        try:
+            result = _run(trainer)
+        finally:
+            dist.all_reduce = all_reduce
+        result["python_all_reduces"] = len(calls)
         torch.save(result, out + ".tmp")
         os.replace(out + ".tmp", out)
         dist.barrier()
@@ -153,6 +160,8 @@ def test_ranks_agree_bitwise(runs):
     # every rank sampled the same stitch at every step and holds the same (all-reduced) scores
     assert r0["stitches"] == r1["stitches"]
     assert int(r0["updates"].sum()) == STEPS and torch.equal(r0["updates"], r1["updates"])
+    # the score and the history's losses travel in one collective per step
+    assert r0["python_all_reduces"] == r1["python_all_reduces"] == STEPS
     assert torch.equal(r0["scores"].nan_to_num(-1), r1["scores"].nan_to_num(-1))
     # training happened (the teacher's head and some LoRA moved), and the ranks' parameters are identical
     changed = {n for n in r0["params"] if not torch.equal(r0["params"][n], r0["initial"][n])}

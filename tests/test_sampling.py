@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from esta.sampling import TaskSpecificSampler, all_reduce_score, snip_score
+from esta.sampling import TaskSpecificSampler, all_reduce_score, all_reduce_scores, snip_score
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -604,6 +604,13 @@ def test_all_reduce_score_without_process_group_is_identity():
         all_reduce_score(1.0, op="max")
     with pytest.raises(TypeError, match="score must be a real number"):
         all_reduce_score("1")
+    assert all_reduce_scores([2.5, 3]) == [2.5, 3.0] and all_reduce_scores(()) == []
+    with pytest.raises(TypeError, match=r"scores\[1\] must be a real number"):
+        all_reduce_scores([1.0, "2"])
+    with pytest.raises(TypeError, match="scores must be a sequence"):
+        all_reduce_scores(torch.ones(2))
+    with pytest.raises(ValueError, match="all_reduce_scores: op must be"):
+        all_reduce_scores([1.0], op="max")
 
 
 def _rank_main(rank, world, init_file, out_dir):
@@ -619,7 +626,8 @@ def _rank_main(rank, world, init_file, out_dir):
             local = float(1 + rank * 10 + (i * 3 + t) % 7)  # different on every rank
             s.update(i, all_reduce_score(local), 4)
         torch.save({"seq": seq, "scores": s.scores, "mean": all_reduce_score(float(rank + 1)),
-                    "sum": all_reduce_score(float(rank + 1), op="sum")}, f"{out_dir}/rank{rank}.pt")
+                    "sum": all_reduce_score(float(rank + 1), op="sum"),
+                    "many": all_reduce_scores([float(rank + 1), 10.0 * rank, 7.0], op="sum")}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -638,6 +646,7 @@ def test_all_reduce_keeps_ranks_in_lockstep(tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["mean"] == r1["mean"] == 1.5
     assert r0["sum"] == r1["sum"] == 3.0
+    assert r0["many"] == r1["many"] == [3.0, 10.0, 14.0]  # several numbers in one collective, in order
     assert r0["seq"] == r1["seq"]
     assert torch.equal(r0["scores"].nan_to_num(-1), r1["scores"].nan_to_num(-1))
     # and it equals a single process fed the averaged scores
