@@ -110,5 +110,10 @@ def test_esta_demo_runs(tmp_path, capsys):
     assert len(report["members"]) == 23 and all(m["accuracy"] is not None for m in report["members"])
     assert report["significance"]["examples"] == data.LETTERS_TEST
     assert (out / "report.png").is_file()
+    # the demo's sampler settings (README): temperature 0.1 and the relative SNIP score, which reached the sampler
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert train["temperature"] == 0.1 and train["score"] == "relative-snip"
+    sampler = torch.load(out / "checkpoint.pt", weights_only=False)["sampler"]
+    assert sampler["score_mode"] == "mean/loss" and int(sampler["num_updates"].sum()) > 0
     for r in report["deployed"]:
         assert (out / "export" / f"stitch-{r['deployed']}" / "model.safetensors").is_file()
