@@ -309,7 +309,8 @@ class Trainer:
                 return [None if _grad(p) is None else _grad(p).clone() for p in params]
 
             own: Dict[int, Tensor] = {}
-            lt = ls = 0.0
+            losses_t: List[Tensor] = []
+            losses_s: List[Tensor] = []
             for x, y in self._batches(self.step):
                 if alone:
                     before = snapshot()
@@ -333,13 +334,17 @@ class Trainer:
                         continue
                     delta = g - g0 if g0 is not None else g.clone()
                     own[k] = own[k] + delta if k in own else delta
-                lt += float(loss_t.detach()) / accum
-                ls += float(loss_s.detach()) / accum
-            total, count = 0.0, 0
+                losses_t.append(loss_t.detach())
+                losses_s.append(loss_s.detach())
+            parts, count = [], 0
             for k, delta in own.items():
                 value = _value(params[k])
-                total += float((value.double() * delta.double()).abs().sum())
+                parts.append((value.double() * delta.double()).abs().sum())
                 count += value.numel()
+            # one device-to-host copy per step for the two losses and the SNIP sum (not one per tensor)
+            snip = torch.stack(parts).sum() if parts else losses_t[0].new_zeros((), dtype=torch.float64)
+            lt, ls, total = torch.stack([torch.stack(losses_t).double().sum() / accum,
+                                         torch.stack(losses_s).double().sum() / accum, snip]).tolist()
             # one collective: the SNIP sum (equal on all ranks under DDP) and the global batch's losses
             losses = self._losses(loss_teacher=lt, loss_stitch=ls, snip_total=total)
             total = losses.pop("snip_total")
