@@ -406,15 +406,14 @@ class TaskSpecificSampler:
                                  f"it), got {loss}")
         mode = ("sum" if count is None else "mean") + ("" if loss is None else "/loss")
         if self._score_mode is not None and mode != self._score_mode:
-            if mode.split("/")[0] != self._score_mode.split("/")[0]:
-                given = "without" if count is None else "with"
-                raise ValueError(f"{_NAME}: update called {given} a count, but earlier updates were "
-                                 f"{'with' if self._score_mode.startswith('mean') else 'without'} one; per-parameter "
-                                 f"means and raw SNIP sums cannot be mixed (pass count on every update, or on none)")
-            given = "without" if loss is None else "with"
-            raise ValueError(f"{_NAME}: update called {given} a loss, but earlier updates were "
-                             f"{'with' if self._score_mode.endswith('/loss') else 'without'} one; relative and "
-                             f"absolute SNIP scores cannot be mixed (pass loss on every update, or on none)")
+            counted, relative = self._score_mode.startswith("mean"), self._score_mode.endswith("/loss")
+            if counted != (count is not None):
+                raise ValueError(f"{_NAME}: update called {'with' if count is not None else 'without'} a count, but "
+                                 f"earlier updates were {'with' if counted else 'without'} one; per-parameter means "
+                                 f"and raw SNIP sums cannot be mixed (pass count on every update, or on none)")
+            raise ValueError(f"{_NAME}: update called {'with' if loss is not None else 'without'} a loss, but "
+                             f"earlier updates were {'with' if relative else 'without'} one; relative and absolute "
+                             f"SNIP scores cannot be mixed (pass loss on every update, or on none)")
         self._score_mode = mode
         s = value / count if count is not None else value
         if loss is not None:

@@ -298,7 +298,9 @@ class Trainer:
                     loss = F.cross_entropy(self.net(x, stitch=anchor).float(), y)
                 (loss / accum).backward()
                 total += float(loss.detach()) / accum
-            record = {"step": self.step, "phase": "adapt", "stitch": anchor, **self._losses(loss_teacher=total)}
+            local = {"loss_teacher": total}
+            record = {"step": self.step, "phase": "adapt", "stitch": anchor,
+                      **self._history(self._mean_over_ranks(**local), local)}
         else:
             stitch = self.sampler.sample()
             # drawn itself, the teacher is trained once (its cross-entropy) and scored on that gradient
@@ -346,11 +348,11 @@ class Trainer:
             lt, ls, total = torch.stack([torch.stack(losses_t).double().sum() / accum,
                                          torch.stack(losses_s).double().sum() / accum, snip]).tolist()
             # one collective: the SNIP sum (equal on all ranks under DDP) and the global batch's losses
-            losses = self._losses(loss_teacher=lt, loss_stitch=ls, snip_total=total)
-            total = losses.pop("snip_total")
-            losses.pop("rank_snip_total", None)
+            local = {"loss_teacher": lt, "loss_stitch": ls}
+            mean = self._mean_over_ranks(**local, snip=total)
+            total = max(0.0, mean.pop("snip"))
+            losses = self._history(mean, local)
             if count > 0:
-                total = max(0.0, total)
                 if c.score == "snip":
                     self.sampler.update(stitch, total, count)
                 elif losses["loss_stitch"] > 0:  # a zero loss has a zero gradient: nothing to learn from it
@@ -367,14 +369,19 @@ class Trainer:
         self.history.append(record)
         return record
 
-    def _losses(self, **local: float) -> Dict[str, float]:
-        """The step's losses for the history: the global batch's mean (averaged over ranks under DDP, every
-        rank calls this), plus this rank's own value as rank_<name> when distributed."""
+    def _mean_over_ranks(self, **local: float) -> Dict[str, float]:
+        """Each value's mean over the ranks in one collective (every rank calls this); the values themselves
+        when not distributed."""
         if not self.distributed:
             return dict(local)
-        out = dict(zip(local, all_reduce_scores(list(local.values()))))  # one collective for all of them
-        out.update({f"rank_{k}": v for k, v in local.items()})
-        return out
+        return dict(zip(local, all_reduce_scores(list(local.values()))))
+
+    def _history(self, mean: Dict[str, float], local: Dict[str, float]) -> Dict[str, float]:
+        """The step's losses for the history: the global batch's (`mean`, averaged over ranks), plus this
+        rank's own values as rank_<name> when distributed."""
+        if not self.distributed:
+            return dict(mean)
+        return {**mean, **{f"rank_{k}": v for k, v in local.items()}}
 
     def _start_stitch_phase(self) -> None:
         """adapt-then-stitch: re-solve the stitching layers on the adapted anchors, then a fresh optimizer."""
