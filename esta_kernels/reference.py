@@ -55,11 +55,19 @@ def naive_stitched_linear(x, weight, bias=None, lora_a=None, lora_b=None, stitch
 def torch_lstsq_accumulate(h_in, h_out, shift_in, shift_out):
     """One batch of the least-squares init, the literal contract in float64 (esta::lstsq_accumulate).
 
-    u = h_in - shift_in, v = h_out - shift_out, ua = [u, 1]; returns (ua.T @ ua, ua.T @ v) in float64.
+    u = h_in - shift_in[b], v = h_out - shift_out[b] for row m of block b = m // 1024 (2-D shifts, one row
+    per block; a 1-D shift applies to every row), ua = [u, 1]; returns (ua.T @ ua, ua.T @ v) in float64.
     Makes float64 copies of the batch: it is the oracle, not a fast path.
     """
-    u = h_in.to(torch.float64) - shift_in.to(torch.float64)
-    v = h_out.to(torch.float64) - shift_out.to(torch.float64)
+    from esta_kernels._lstsq_ops import SHIFT_BLOCK_ROWS
+
+    def centred(h, shift):
+        shift = shift.to(torch.float64)
+        if shift.dim() == 2:
+            shift = shift[torch.arange(h.shape[0], device=h.device) // SHIFT_BLOCK_ROWS]
+        return h.to(torch.float64) - shift
+
+    u, v = centred(h_in, shift_in), centred(h_out, shift_out)
     ua = torch.cat([u, u.new_ones(u.shape[0], 1)], 1)
     return ua.t() @ ua, ua.t() @ v
 

@@ -79,7 +79,7 @@ class _LstsqLaunch:
 
 def _lstsq_launches():
     """(label, launch) of the accumulation for each activation dtype, at ViT-S -> ViT-B (19,700 tokens,
-    384 -> 768: 100 images); the shifts are float32."""
+    384 -> 768: 100 images); the shifts are float32, one row per block of rows as StreamingLstsq passes them."""
     import torch
 
     from esta_kernels.triton import lstsq
@@ -90,8 +90,9 @@ def _lstsq_launches():
         n, d_in, d_out = 19700, 384, 768
         h_in = torch.empty(n, d_in, dtype=dt, device="meta")
         h_out = torch.empty(n, d_out, dtype=dt, device="meta")
-        s_in = torch.empty(d_in, device="meta")
-        s_out = torch.empty(d_out, device="meta")
+        blocks = -(-n // lstsq.SHIFT_BLOCK_ROWS)
+        s_in = torch.empty(blocks, d_in, device="meta")
+        s_out = torch.empty(blocks, d_out, device="meta")
         plan, _ = lstsq.plan_accumulate(h_in, h_out, s_in, s_out)
         out.append((f"lstsq-{dtype_name}/accumulate", _LstsqLaunch(plan)))
     return out
