@@ -5,6 +5,9 @@ outside [-1, S) IndexError; every message names the argument.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import weakref
 
 import torch
@@ -20,6 +23,41 @@ def _check_tensor(name: str, t, allow_none: bool = True) -> None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"stitched_linear: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
+def host_stitch_id(value) -> int:
+    """An int stitch id given on the host: a Python int or anything with __index__ (numpy integers),
+    never a bool."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"stitched_linear: stitch_ids must be an int or an integer tensor, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"stitched_linear: stitch_ids must be an int or an integer tensor, got {type(value).__name__}"
+        ) from None
+
+
+def check_scale(scale) -> float:
+    """The LoRA scale: a finite real number (int, float, numpy float; not a bool or a string)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"stitched_linear: scale must be a real number, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"stitched_linear: scale must be finite, got {scale}")
+    return scale
+
+
+def as_int64_ids(ids: torch.Tensor) -> torch.Tensor:
+    """The ids as int64, without wrapping: uint64 values above 2^63 - 1 (which a cast would turn negative,
+    e.g. 2^64 - 1 into -1, "no stitch bias") become 2^63 - 1, out of range for every table. No data is read
+    on the host."""
+    if ids.dtype == torch.int64:
+        return ids
+    if ids.dtype == torch.uint64:
+        signed = ids.view(torch.int64)
+        return torch.where(signed < 0, torch.iinfo(torch.int64).max, signed)
+    return ids.to(torch.int64)
 
 
 def check_stitched_linear_args(x, weight, bias, lora_a, lora_b, stitch_bias, stitch_ids) -> None:
@@ -95,12 +133,11 @@ def check_stitched_linear_args(x, weight, bias, lora_a, lora_b, stitch_bias, sti
                     f"stitched_linear: stitch_ids must be an int, a 0-d tensor, or have x's leading shape "
                     f"{tuple(x.shape[:-1])}, got {tuple(stitch_ids.shape)}"
                 )
-        elif isinstance(stitch_ids, bool) or not isinstance(stitch_ids, int):
-            raise TypeError(f"stitched_linear: stitch_ids must be an int or an integer tensor, got {type(stitch_ids).__name__}")
         else:
+            stitch_id = host_stitch_id(stitch_ids)
             S = stitch_bias.shape[0]
-            if not -1 <= stitch_ids < S:
-                raise IndexError(f"stitched_linear: stitch id {stitch_ids} is outside [-1, {S}) (S = {S} stitch-bias rows)")
+            if not -1 <= stitch_id < S:
+                raise IndexError(f"stitched_linear: stitch id {stitch_id} is outside [-1, {S}) (S = {S} stitch-bias rows)")
 
     dev = x.device
     for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
@@ -139,7 +176,7 @@ def remember_ids_range(ids: torch.Tensor, lo: int, hi: int) -> None:
 def check_ids_range(ids: torch.Tensor, num_stitches: int) -> None:
     """Raises IndexError for any id outside [-1, S). Reading the ids is a device sync on a GPU; it happens
     once per ids tensor (until it is written in place), however many layers and backward passes use it."""
-    if ids is None or ids.numel() == 0:
+    if ids is None or ids.numel() == 0 or ids.device.type == "meta":  # meta tensors hold no values
         return
     known = _lookup_range(ids)
     if known is None:
@@ -160,13 +197,13 @@ def flat_ids(stitch_ids: torch.Tensor) -> torch.Tensor:
     """The 1-D int64 ids the ops take. Outside torch.compile the view is memoized per ids tensor, so every
     layer that gets the same ids tensor hands the ops the same object and its range is read once."""
     if torch.compiler.is_compiling():
-        return stitch_ids.reshape(-1).to(torch.int64)
+        return as_int64_ids(stitch_ids.reshape(-1))
     hit = _FLAT.get(id(stitch_ids))
     if hit is not None and hit[0]() is stitch_ids and hit[1] == stitch_ids._version:
         flat = hit[2]()  # held weakly: the memo never keeps ids memory alive
         if flat is not None:
             return flat
-    flat = stitch_ids.reshape(-1).to(torch.int64)
+    flat = as_int64_ids(stitch_ids.reshape(-1))
     known = _lookup_range(stitch_ids)
     if known is not None:
         remember_ids_range(flat, *known)

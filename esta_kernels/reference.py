@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from esta_kernels._validate import as_int64_ids, check_ids_range
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -23,15 +25,17 @@ def torch_stitched_linear(x, weight, bias=None, lora_a=None, lora_b=None, stitch
         y = y + scale * (xa @ lora_b.to(acc).t())
     if stitch_bias is not None and stitch_ids is not None:
         S, N = stitch_bias.shape
-        ids = torch.as_tensor(stitch_ids, device=x.device).to(torch.int64)
-        if ids.numel() and not torch.compiler.is_compiling():
-            from esta_kernels._validate import check_ids_range
-
+        ids = as_int64_ids(torch.as_tensor(stitch_ids, device=x.device))
+        valid = (ids >= -1) & (ids < S)
+        if torch.compiler.is_compiling():
+            # no host read while tracing: a device-side assert (raised when the compiled code runs)
+            torch._assert_async(valid.all(), "stitched_linear: a stitch id is outside [-1, S) (S = stitch-bias rows)")
+        elif ids.numel():
             check_ids_range(ids, S)
         ids = ids.expand(x.shape[:-1])
-        # -1 picks an appended row of zeros
+        # -1 (and, past the assert, any invalid id) picks an appended row of zeros: never an out-of-bounds read
         table = torch.cat([stitch_bias.to(acc), stitch_bias.new_zeros(1, N, dtype=acc)], 0)
-        y = y + table[torch.where(ids < 0, S, ids)]
+        y = y + table[torch.where(valid.expand(x.shape[:-1]) & (ids >= 0), ids, S)]
     return y.to(x.dtype)
 
 
