@@ -7,18 +7,20 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from esta.train.data import stack_samples
+from esta.tasks import ClassificationTask
 
 __all__ = ["evaluate"]
 
 
 @torch.no_grad()
 def evaluate(model, data, stitches=None, *, batch_size: int = 256, device=None, bf16: bool = False,
-             progress: bool = False, per_example: bool = False, num_workers: int = 0):
-    """Top-1 accuracy of each member in `stitches` (default: all) on a dataset of (input, label) pairs:
-    {id: accuracy}. With `per_example=True`, returns `(accuracy, correct)` where correct[id] is a CPU bool
-    tensor with one entry per example in data order (what `esta.deploy.build_report` needs for its paired
-    significance test). Batches come in data order from a DataLoader (`num_workers` decoding processes)."""
+             progress: bool = False, per_example: bool = False, num_workers: int = 0, task=None):
+    """Top-1 accuracy of each member in `stitches` (default: all) on a labelled dataset (the task's
+    `eval_batch` "correct" results; ClassificationTask by default): {id: accuracy}. With
+    `per_example=True`, returns `(accuracy, correct)` where correct[id] is a CPU bool tensor with one entry
+    per example in data order (what `esta.deploy.build_report` needs for its paired significance test).
+    Batches come in data order from a DataLoader (`num_workers` decoding processes)."""
+    task = task or ClassificationTask()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stitches = list(range(len(model))) if stitches is None else list(stitches)
     was_training = model.training
@@ -26,7 +28,7 @@ def evaluate(model, data, stitches=None, *, batch_size: int = 256, device=None, 
     correct = {i: 0 for i in stitches}
     hits: Dict[int, List[Tensor]] = {i: [] for i in stitches}
     n = 0
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=stack_samples,
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=task.collate,
                         num_workers=num_workers)
     bar = None
     if progress:
@@ -34,18 +36,19 @@ def evaluate(model, data, stitches=None, *, batch_size: int = 256, device=None, 
         bar = tqdm(total=len(loader) * len(stitches), desc="evaluate", unit="pass", leave=False,
                    disable=None)  # no bar without a TTY
     try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            n += len(y)
+        for batch in loader:
+            batch = task.to_device(batch, device)
+            hit = None
             for i in stitches:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred = model(x, stitch=i).argmax(-1)
-                hit = pred == y
+                    hit = task.eval_batch(task.forward(model, batch, i), batch)["correct"]
                 correct[i] += int(hit.sum())
                 if per_example:
                     hits[i].append(hit.cpu())
                 if bar is not None:
                     bar.update(1)
+            if hit is not None:
+                n += len(hit)
     finally:
         model.train(was_training)
         if bar is not None:

@@ -237,3 +237,36 @@ def test_config_errors():
     state = other.state_dict()
     with pytest.raises(ValueError, match="seed"):
         trainer.load_state_dict(state)
+
+
+def test_a_task_object_decides_loss_distillation_and_collation():
+    """The Trainer asks its task for everything task-specific: a task whose distillation target is the
+    labels themselves (no teacher signal) trains exactly like distill_weight=0."""
+    from esta.tasks import ClassificationTask
+
+    class LabelsAsTarget(ClassificationTask):
+        name = "labels-as-target"
+
+        def distill_target(self, output, batch):
+            return batch[1]
+
+    a = Trainer(_fresh(), _data(), _config(), task=LabelsAsTarget())
+    b = Trainer(_fresh(), _data(), _config(distill_weight=0.0))
+    ra, rb = a.fit(steps=3), b.fit(steps=3)
+    assert [r["stitch"] for r in ra] == [r["stitch"] for r in rb]
+    for (n, p), q in zip(_trainable(a.model).items(), _trainable(b.model).values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(TypeError, match="task must be an esta.tasks.Task"):
+        Trainer(_fresh(), _data(), _config(), task="classification")
+
+
+def test_resume_with_another_task_is_refused(tmp_path):
+    from esta.tasks import ClassificationTask
+
+    class Other(ClassificationTask):
+        name = "other"
+
+    trainer = Trainer(_fresh(), _data(), _config())
+    trainer.fit(steps=1, checkpoint=str(tmp_path / "ck.pt"))
+    with pytest.raises(ValueError, match="trained on the task 'classification', this trainer's task is 'other'"):
+        Trainer(_fresh(), _data(), _config(), task=Other()).load(str(tmp_path / "ck.pt"))

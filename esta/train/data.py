@@ -8,19 +8,14 @@ batches of the uninterrupted one, whatever the number of DataLoader workers (whi
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence
+from typing import Callable, Iterator, List, Optional
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["stack_samples", "StepBatchSampler", "step_loader", "calibration_images"]
+from esta.tasks import ClassificationTask, Task
 
-
-def stack_samples(samples: Sequence) -> tuple:
-    """Collates (input, label) pairs: (stacked inputs, int64 labels)."""
-    xs, ys = zip(*samples)
-    return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys, dtype=torch.long)
+__all__ = ["StepBatchSampler", "step_loader", "calibration_images"]
 
 
 class StepBatchSampler(Sampler[List[int]]):
@@ -62,15 +57,17 @@ class StepBatchSampler(Sampler[List[int]]):
         return (self.stop - self.start) * self.accum_steps
 
 
-def step_loader(dataset, sampler: StepBatchSampler, num_workers: int = 0) -> DataLoader:
-    """A DataLoader yielding the micro-batches of `sampler` in order, decoded by `num_workers` processes."""
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=stack_samples, num_workers=num_workers,
+def step_loader(dataset, sampler: StepBatchSampler, collate: Callable, num_workers: int = 0) -> DataLoader:
+    """A DataLoader yielding the micro-batches of `sampler` in order, collated by `collate` (the task's),
+    decoded by `num_workers` processes."""
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=False)
 
 
-def calibration_images(data, n: int, seed: int) -> Tensor:
+def calibration_images(data, n: int, seed: int, task: Optional[Task] = None):
     """The inputs of n samples of `data` drawn without replacement by `seed` (the least-squares init's
-    calibration set)."""
+    calibration set), in the form the task gives `init_stitching_layers`."""
+    task = task or ClassificationTask()
     n = min(n, len(data))
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-    return stack_samples([data[int(i)] for i in perm])[0]
+    return task.calibration_inputs([data[int(i)] for i in perm])

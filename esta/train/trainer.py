@@ -60,12 +60,12 @@ from dataclasses import asdict
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from esta.checkpoint import load_checkpoint, save_checkpoint
 from esta.distributed import all_reduce_scores, world, wrap_ddp
 from esta.sampling import TaskSpecificSampler, snip_sum
+from esta.tasks import ClassificationTask, Task
 from esta.train.config import TrainConfig
 from esta.train.data import StepBatchSampler, calibration_images, step_loader
 from esta.train.schedule import WarmupCosine
@@ -95,8 +95,10 @@ class Trainer:
 
     Args:
         model: a StitchableModel, already least-squares initialized; `prepare_model` is applied here.
-        train_data: a map-style dataset of (input, label) pairs.
+        train_data: a map-style dataset of the task's samples ((input, label) pairs for classification).
         config: a TrainConfig.
+        task: what is specific to the task (`esta.tasks`: loss, distillation target, collation, FLOPs
+            input); ClassificationTask by default.
         device: where to train (default: the model's device).
         distributed: wrap in DistributedDataParallel (torch.distributed must be initialized).
         num_workers: DataLoader worker processes decoding samples (0: in this process); the batches do
@@ -104,9 +106,13 @@ class Trainer:
         metadata: JSON-like facts the caller keeps with each checkpoint (`checkpoint_metadata` reads them).
     """
 
-    def __init__(self, model, train_data, config: Optional[TrainConfig] = None, *, device=None,
-                 distributed: bool = False, num_workers: int = 0, metadata: Optional[dict] = None) -> None:
+    def __init__(self, model, train_data, config: Optional[TrainConfig] = None, *, task: Optional[Task] = None,
+                 device=None, distributed: bool = False, num_workers: int = 0,
+                 metadata: Optional[dict] = None) -> None:
         self.config = config or TrainConfig()
+        self.task = task if task is not None else ClassificationTask()
+        if not isinstance(self.task, Task):
+            raise TypeError(f"Trainer: task must be an esta.tasks.Task, got {type(self.task).__name__}")
         self.config.check()
         torch.manual_seed(self.config.seed)  # the PST adapters' init and dropout draw from the seed
         self.model = prepare_model(model, self.config)
@@ -132,9 +138,8 @@ class Trainer:
                              f"batch ({self.global_batch} = batch_size x accum_steps x world size)")
         self.lr = c.base_lr * self.global_batch / 256
         self.teacher = len(model.anchors) - 1
-        x0, _ = train_data[0]
-        self.input_shape = (1,) + tuple(torch.as_tensor(x0).shape)
-        flops = model.flops_table(self.input_shape)
+        self.input_shape, flops_dtype = self.task.flops_input(train_data)
+        flops = model.flops_table(self.input_shape, flops_dtype)
         self.flops = flops
         spe = self.steps_per_epoch
         self.sampler = TaskSpecificSampler(
@@ -179,13 +184,13 @@ class Trainer:
     def _batches(self, step: int):
         """The micro-batches (this rank's share) of global step `step`, on the training device."""
         if self._loader is None or self._loader[0] != step:
-            self._loader = (step, iter(step_loader(self.data, self._batch_sampler(step), self.num_workers)))
+            loader = step_loader(self.data, self._batch_sampler(step), self.task.collate, self.num_workers)
+            self._loader = (step, iter(loader))
         it = self._loader[1]
         for m in range(self.config.accum_steps):
             if m == self.config.accum_steps - 1:
                 self._loader = (step + 1, it)
-            x, y = next(it)
-            yield x.to(self.device), y.to(self.device)
+            yield self.task.to_device(next(it), self.device)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -241,9 +246,9 @@ class Trainer:
         c = self.config
         anchor = self.step // (c.adapt_epochs * self.steps_per_epoch)
         total = 0.0
-        for x, y in self._batches(self.step):
+        for batch in self._batches(self.step):
             with self._autocast():
-                loss = F.cross_entropy(self.net(x, stitch=anchor).float(), y)
+                loss = self.task.loss(self.task.forward(self.net, batch, anchor), batch)
             (loss / c.accum_steps).backward()
             total += float(loss.detach()) / c.accum_steps
         norm = float(self._grad_norm())
@@ -266,22 +271,23 @@ class Trainer:
         own: List[Optional[Tensor]] = [None] * len(params)
         losses_t: List[Tensor] = []
         losses_s: List[Tensor] = []
-        for x, y in self._batches(self.step):
+        task = self.task
+        for batch in self._batches(self.step):
             if alone:
                 before = snapshot()
             with self._autocast():
-                logits_t = self.net(x, stitch=self.teacher).float()
-                loss_t = F.cross_entropy(logits_t, y)
+                out_t = task.forward(self.net, batch, self.teacher)
+                loss_t = task.loss(out_t, batch)
             (loss_t / accum).backward()
             if alone:
                 loss_s = loss_t
             else:
-                hard = logits_t.detach().argmax(-1)
+                target = task.distill_target(out_t, batch)
                 before = snapshot()
                 with self._autocast():
-                    logits_s = self.net(x, stitch=stitch).float()
-                    loss_s = (1 - c.distill_weight) * F.cross_entropy(logits_s, y) \
-                        + c.distill_weight * F.cross_entropy(logits_s, hard)
+                    out_s = task.forward(self.net, batch, stitch)
+                    loss_s = (1 - c.distill_weight) * task.loss(out_s, batch) \
+                        + c.distill_weight * task.distill_loss(out_s, target, batch)
                 (loss_s / accum).backward()
             for k, (p, g0) in enumerate(zip(params, before)):
                 g = _grad(p)
@@ -333,8 +339,8 @@ class Trainer:
 
     def _start_stitch_phase(self) -> None:
         """adapt-then-stitch: re-solve the stitching layers on the adapted anchors, then a fresh optimizer."""
-        x = calibration_images(self.data, self.config.calibration_images, self.config.seed)
-        self.model.init_stitching_layers(x.to(self.device), num_images=len(x))
+        x = calibration_images(self.data, self.config.calibration_images, self.config.seed, self.task)
+        self.model.init_stitching_layers(_to(x, self.device), num_images=self.config.calibration_images)
         self._new_optimizer()
 
     def fit(self, steps: Optional[int] = None, *, progress: bool = False, checkpoint: Optional[str] = None,
@@ -372,7 +378,7 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"version": _CHECKPOINT_VERSION, "config": asdict(self.config), "step": self.step,
+        return {"version": _CHECKPOINT_VERSION, "task": self.task.name, "config": asdict(self.config), "step": self.step,
                 "trainable": trainable, "stitching_layers": stitching, "optimizer": self.optimizer.state_dict(),
                 "sampler": self.sampler.state_dict(), "rng": rng, "world": self.world,
                 "history": list(self.history), "metadata": dict(self.metadata)}
@@ -382,6 +388,9 @@ class Trainer:
             found = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"Trainer.load_state_dict: not an esta training checkpoint of version "
                              f"{_CHECKPOINT_VERSION} (found {found!r})")
+        if state.get("task") != self.task.name:
+            raise ValueError(f"Trainer.load_state_dict: the checkpoint was trained on the task "
+                             f"{state.get('task')!r}, this trainer's task is {self.task.name!r}")
         mine = asdict(self.config)
         if state["config"] != mine:
             diff = sorted(k for k in set(state["config"]) | set(mine) if state["config"].get(k) != mine.get(k))
@@ -421,6 +430,15 @@ class Trainer:
         state, used = load_checkpoint(path, map_location=self.device, log=log)
         self.load_state_dict(state)
         return used
+
+
+def _to(inputs, device):
+    """Calibration inputs (a tensor, or a dict/tuple of tensors for tasks with several) on `device`."""
+    if isinstance(inputs, dict):
+        return {k: _to(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to(v, device) for v in inputs)
+    return inputs.to(device)
 
 
 def _grad(p):
