@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from esta_kernels import _ops
-from esta_kernels._validate import check_stitched_linear_args, flat_ids, remember_ids_range
+from esta_kernels._validate import check_stitched_linear_args, flat_ids
 from esta_kernels.backends import resolve_backend
 from esta_kernels.reference import torch_stitched_linear
 
@@ -82,8 +82,8 @@ def stitched_linear(
     ids = None
     if stitch_bias is not None and stitch_ids is not None:
         if isinstance(stitch_ids, int):
+            # checked on the host above; a fill, not a copy, so no host-to-device transfer either
             ids = torch.full((1,), stitch_ids, dtype=torch.int64, device=x.device)
-            remember_ids_range(ids, stitch_ids, stitch_ids)  # checked on the host above
         else:
             ids = flat_ids(stitch_ids)
     y, _ = _ops.FORWARD_OPS[name](x2, weight, bias, lora_a, lora_b, stitch_bias, ids, float(scale))
