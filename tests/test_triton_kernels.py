@@ -22,7 +22,7 @@ if not torch.cuda.is_available():  # before triton is first imported (tests/conf
 triton = pytest.importorskip("triton")
 
 import esta_kernels  # noqa: E402
-from _inputs import lowp_error, make_inputs, reference, reference_grads  # noqa: E402
+from _inputs import grads_of, lowp_error, make_inputs, reference, reference_grads  # noqa: E402
 from esta_kernels.triton import stitched_linear as sl  # noqa: E402
 from esta_kernels.triton.stitched_linear import (  # noqa: E402
     triton_stitched_linear_backward,
@@ -339,7 +339,7 @@ def test_tma_path_dispatch_rule():
     assert not sl.tma_path(90, t(64, 65)[:, 1:], w, 96)  # base misaligned by 2 bytes
     assert not sl.tma_path(90, t(64, 128)[:, ::2], w, 96)  # non-unit last stride
     assert not sl.tma_path(90, t(64, 64).t(), t(96, 64), 96)  # column-major x
-    assert not sl.tma_path(90, t(0, 64), w, 96)  # no rows: nothing to describe
+    assert not sl.tma_path(90, t(64, 0), t(96, 0), 96)  # K = 0: nothing to describe
     meta = torch.empty(8192, 4096, dtype=torch.bfloat16, device="meta")
     assert sl.tma_path(90, meta, meta, 4096)  # planning on meta tensors (inspect, compile tests)
 
@@ -476,11 +476,14 @@ def test_public_api_autograd(device, dtype, ids, poison_empty):
     lowp = _lowp(inp, 0.5, ref, dtype)
     _check(y, ref, rel=4 * EPS[dtype] + 8 * _tf32_slack(dtype, device), lowp_err=lowp, what="y")
     y.backward(grad_y)
+    # 16-bit activations: gradients within PyTorch's own error for the unfused composition in that dtype
+    naive = grads_of(esta_kernels.naive_stitched_linear, inp, 0.5, grad_y, lambda t: t.clone()) \
+        if dtype != torch.float32 else {}
     for name, g_ref in reference_grads(inp, 0.5, grad_y).items():
         g = inp[name].grad
         assert g is not None and g.dtype == inp[name].dtype, name
-        lowp_g = lowp if name == "x" else 0.0
-        _check(g, g_ref, rel=4 * EPS[g.dtype] + 32 * _tf32_slack(dtype, device), lowp_err=lowp_g, what=f"d {name}")
+        lowp_g = (naive[name].double().cpu() - g_ref.cpu()).abs().max().item() if name in naive else 0.0
+        _check(g, g_ref, rel=4 * EPS[dtype] + 32 * _tf32_slack(dtype, device), lowp_err=lowp_g, what=f"d {name}")
 
 
 # ------------------------------------------------------------------------------------------- GPU only

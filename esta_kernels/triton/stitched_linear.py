@@ -343,7 +343,7 @@ def _autotuner(role: str, family: str, tune: str, enabled: bool):
 def _tma_legal(t: Tensor) -> bool:
     """A 2-D tensor a tensor descriptor can address: unit last stride, 16-byte-aligned row stride and base
     (a meta tensor has no address: its base counts as aligned, as a fresh allocation is)."""
-    if t.dim() != 2 or t.stride(1) != 1 or t.shape[0] < 1 or t.shape[1] < 1:
+    if t.dim() != 2 or t.stride(1) != 1 or t.shape[1] < 1:
         return False
     if (t.stride(0) * t.element_size()) % 16 or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
         return False
