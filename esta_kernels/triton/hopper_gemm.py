@@ -183,8 +183,13 @@ THIN_CONFIGS = {
 }
 
 
-def main_configs(heavy: bool = False):
+def main_configs(heavy: bool = False, fused: bool = False):
+    """The Hopper main kernel's configs; `heavy`: a float32 stitch-bias tile in the epilogue; `fused`: the
+    fused-xa variant, whose pointer loads in the main loop rule warp specialization out (triton cannot
+    partition them)."""
     rows = MAIN_CONFIGS
+    if fused:
+        rows = [c for c in rows if not c[6]]
     if heavy:
         rows = [c for c in rows if c[0] * c[1] <= HEAVY_EPILOGUE_ACC_REGS * 32 * c[4]]
     return [

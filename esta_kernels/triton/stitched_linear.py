@@ -304,7 +304,7 @@ def autotune_configs(role: str, family: str, tune: str) -> List[triton.Config]:
     "tma_thin" on the Hopper path) on an arch family ("ampere", "hopper") for a tuning class
     (Launch.tune)."""
     if role == "tma":
-        return hopper_gemm.main_configs(heavy=tune.endswith("+heavy"))
+        return hopper_gemm.main_configs(heavy=tune.endswith("+heavy"), fused=tune.startswith("fused"))
     if role == "tma_thin":
         return hopper_gemm.thin_configs(tune)
     if role == "gemm":
@@ -493,8 +493,10 @@ def plan_tma_gemm(a: Tensor, b: Tensor, out: Tensor, *, b_kmajor: bool, bias: Op
     if thin:
         meta["BLOCK_N"] = min(_pad16(N), 256)
         tune = "narrow" if meta["BLOCK_N"] <= 64 else "wide"
-    elif has_stitch and stitch_bias.dtype == torch.float32:
-        tune = "+heavy"
+    else:
+        tune = "fused" if fused else ""
+        if has_stitch and stitch_bias.dtype == torch.float32:
+            tune += "+heavy"
     args = dict(
         a_ptr=a, b_ptr=b, out_ptr=out, bias_ptr=bias, lo_ptr=None if fused else lo, up_ptr=up,
         la_ptr=la, lo_out_ptr=lo_out if fused else None,
