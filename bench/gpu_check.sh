@@ -103,7 +103,17 @@ if [ "$DRY" = 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
       pids+=($!)
     done
   done
+  # the pre-13 kernels, rank-1 buffers unpadded as in the probe: which kernel faulted (bench/repro/r1_crash.py)
+  for dt in float16; do
+    ( rc=0; ESTA_TRITON_AUTOTUNE=0 timeout --kill-after=10 "$SAN_SECS" compute-sanitizer --tool memcheck \
+        --error-exitcode 86 "$PYTHON" bench/repro/r1_crash.py --dtype "$dt" \
+        >"$WORK/sanitizer-pre13-$dt.log" 2>&1 || rc=$?; echo "$rc" > "$WORK/sanitizer-pre13-$dt.rc" ) &
+    pids+=($!)
+  done
   wait "${pids[@]}" || true
+  rc=$(cat "$WORK/sanitizer-pre13-float16.rc" 2>/dev/null || echo missing)
+  { echo "=== pre-13 kernels (bench/repro/r1_crash.py), float16: exit $rc"; cat "$WORK/sanitizer-pre13-float16.log"; } >> "$WORK/sanitizer.log"
+  echo "   pre-13 kernels, r=1 unpadded (repro): exit $rc, $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer-pre13-float16.log" | tail -n1 || true)"
   SANITIZER_RC=0
   for path in tma pointer; do
     for dt in float16 bfloat16; do

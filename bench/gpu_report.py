@@ -93,6 +93,27 @@ def sanitizer_verdict(work: str, rc, seconds) -> dict:
                                  "summary": summary,
                                  "results": [{k: r.get(k) for k in ("r", "M", "ids", "status", "plan_path", "errors",
                                                                     "error")} for r in results]})
+    repro = os.path.join(work, "sanitizer-pre13-float16.log")
+    if os.path.exists(repro):
+        lines = _tail(repro, 400)
+        events = []
+        for ln in lines:
+            if ln.startswith("{"):
+                try:
+                    events.append(json.loads(ln))
+                except ValueError:
+                    pass
+        started = [e["launch"] for e in events if "launch" in e]
+        done = [e["done"] for e in events if "done" in e]
+        code = _tail(os.path.join(work, "sanitizer-pre13-float16.rc"), 1)
+        out["pre13_repro"] = {
+            "what": "bench/repro/r1_crash.py: the pre-issue-13 kernels, r=1, M=7, float16, unpadded (M, 1) buffers",
+            "exit_code": code[0] if code else None,
+            "summary": next((ln.strip() for ln in reversed(lines) if "ERROR SUMMARY" in ln), "no ERROR SUMMARY line"),
+            "launches_started": started, "launches_done": done,
+            "faulting_launch": started[len(done)] if len(started) > len(done) else None,
+            "first_error_lines": [ln for ln in lines if ln.startswith("=========")][:12],
+        }
     if not out["cases"]:
         out["verdict"] = "not run"
     elif all(c["summary"].startswith("========= ERROR SUMMARY: 0 errors") and c["exit_code"] == "0"
@@ -183,6 +204,9 @@ def main(argv=None) -> int:
     san = summary["sanitizer"]
     print(f"memcheck (r=1, M=7, fp16/bf16, both paths): {san['verdict']}"
           + "".join(f" | {c['path']}/{c['dtype']}: {c['summary']}" for c in san.get("cases", [])))
+    if san.get("pre13_repro"):
+        rp = san["pre13_repro"]
+        print(f"pre-13 r=1 repro: exit {rp['exit_code']}, {rp['summary']}, faulting launch {rp['faulting_launch']}")
     print(f"gpu tests: {t.get('status')} | {t.get('summary_line')}")
     for line in t.get("failures", [])[:15]:
         print("  " + line[:200])
