@@ -145,7 +145,8 @@ _STREAM_SCRIPT = textwrap.dedent("""
     wt, bt = solver.solve()
     t_solve = time.perf_counter() - t1
     total = time.perf_counter() - t0
-    state = sum(t.numel() * t.element_size() for t in (solver.gram, solver.cross))
+    st = solver.stats
+    state = sum(t.numel() * t.element_size() for t in (st.mean_in, st.mean_out, st.sxx, st.sxy, st.noise_diag))
     print(json.dumps(dict(tokens=solver.num_tokens, total_s=total, update_s=t_acc, solve_s=t_solve,
                           rss_start_mib=rss_start, rss_max_mib=rss_max, rss_growth_mib=rss_max - rss_start,
                           rss_max_first_tenth_mib=rss_first_tenth,

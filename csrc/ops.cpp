@@ -28,9 +28,10 @@ TORCH_LIBRARY(esta, m) {
       "Tensor lora_xa, Tensor? stitch_ids, int num_stitches, float scale, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // One batch of the streaming least-squares init (esta_kernels/lstsq.py). h_in (n, d_in), h_out (n, d_out),
-  // any float dtypes; shift_in (d_in,), shift_out (d_out,) float32 (float64 on the CPU). With
-  // u = h_in - shift_in, v = h_out - shift_out and ua = [u, 1], returns gram = ua.T @ ua (d_in + 1, d_in + 1)
-  // and cross = ua.T @ v (d_in + 1, d_out), both float64: float32 products over blocks of at most 1024
-  // rows, the block sums added in float64 in a fixed order.
+  // any float dtypes; shift_in (blocks, d_in), shift_out (blocks, d_out) float32 (float64 on the CPU), one row
+  // per block of 1024 rows (blocks = ceil(n / 1024)), or 1-D (d,) for one shift for every row. With
+  // u = h_in - shift_in[m / 1024], v = h_out - shift_out[m / 1024] for row m and ua = [u, 1], returns
+  // gram = ua.T @ ua (d_in + 1, d_in + 1) and cross = ua.T @ v (d_in + 1, d_out), both float64: float32
+  // products over each block, the block sums added in float64 in a fixed order.
   m.def("lstsq_accumulate(Tensor h_in, Tensor h_out, Tensor shift_in, Tensor shift_out) -> (Tensor, Tensor)");
 }

@@ -1,6 +1,10 @@
 """torch.library registration of the least-squares accumulation op, and its argument checks.
 
     esta::lstsq_accumulate(h_in, h_out, shift_in, shift_out) -> (gram, cross)
+        With b(m) = m // SHIFT_BLOCK_ROWS the block of row m, u[m] = h_in[m] - shift_in[b(m)],
+        v[m] = h_out[m] - shift_out[b(m)] and ua = [u, 1]: gram = ua.T @ ua, cross = ua.T @ v in float64.
+        The shifts are (blocks, d) with blocks = ceil(n / SHIFT_BLOCK_ROWS), one row per block, or (d,) for
+        one shift for every row.
         C++ schema (csrc/ops.cpp); kernels per dispatch key: CPU (the `cpu` backend, csrc/cpu/lstsq.cpp)
         and CUDA (the `cuda` backend, csrc/cuda/).
     esta::lstsq_accumulate_triton
@@ -24,6 +28,10 @@ _ext.define_schemas_without_extension()
 # Read once at import, like _ext.has_cpu_kernels(): an extension built before this op existed lacks it.
 _HAS_CPU = _ext.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("esta::lstsq_accumulate", "CPU")
 _HAS_CUDA = _ext.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("esta::lstsq_accumulate", "CUDA")
+
+# Rows per shift block (and per float32 block sum) on every backend: StreamingLstsq centres each block of
+# this many rows by its own mean.
+SHIFT_BLOCK_ROWS = 1024
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
@@ -92,12 +100,14 @@ def check_accumulate_args(h_in, h_out, shift_in, shift_out, backend: str) -> Non
         raise ValueError(f"{op}: h_in must have at least one feature (d_in >= 1), got shape {tuple(h_in.shape)}")
     if h_out.shape[1] < 1:
         raise ValueError(f"{op}: h_out must have at least one feature (d_out >= 1), got shape {tuple(h_out.shape)}")
-    if shift_in.shape != (h_in.shape[1],):
-        raise ValueError(f"{op}: shift_in must have shape ({h_in.shape[1]},) to match h_in, got {tuple(shift_in.shape)}")
-    if shift_out.shape != (h_out.shape[1],):
-        raise ValueError(
-            f"{op}: shift_out must have shape ({h_out.shape[1]},) to match h_out, got {tuple(shift_out.shape)}"
-        )
+    blocks = -(-h_in.shape[0] // SHIFT_BLOCK_ROWS)
+    for name, t, h, x in (("shift_in", shift_in, h_in, "h_in"), ("shift_out", shift_out, h_out, "h_out")):
+        d = h.shape[1]
+        if t.shape != (d,) and t.shape != (blocks, d):
+            raise ValueError(
+                f"{op}: {name} must have shape ({d},) or ({blocks}, {d}) (one row per block of "
+                f"{SHIFT_BLOCK_ROWS} rows of {x}), got {tuple(t.shape)}"
+            )
     dev = h_in.device
     for name, t in (("h_out", h_out), ("shift_in", shift_in), ("shift_out", shift_out)):
         if t.device != dev:

@@ -88,9 +88,44 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_a, lora_b, xa, stitch_ids)
 
 
+def _differentiable_backward(ctx, grad_y, x, weight, lora_a, lora_b, stitch_ids):
+    """The backward formulas as differentiable torch ops, for double backward (create_graph=True): the
+    fused backward kernels are not differentiable themselves. xa is recomputed so that d lora_b has a
+    gradient with respect to lora_a and x."""
+    need = ctx.needs_input_grad
+    acc = acc_dtype(x.dtype)
+    dy, xd = grad_y.to(acc), x.to(acc)
+    grads = [None] * 8
+    g = None
+    if lora_a is not None:
+        a, b = lora_a.to(acc), lora_b.to(acc)
+        g = ctx.scale * (dy @ b)
+    if need[0]:
+        dx = dy @ weight.to(acc)
+        grads[0] = (dx if g is None else dx + g @ a).to(x.dtype)
+    if need[3] and g is not None:
+        grads[3] = (g.t() @ xd).to(ctx.dtypes[0])
+    if need[4] and g is not None:
+        grads[4] = (ctx.scale * (dy.t() @ (xd @ a.t()))).to(ctx.dtypes[1])
+    if need[5] and stitch_ids is None:  # a table without ids adds nothing
+        grads[5] = dy.new_zeros(ctx.num_stitches, dy.shape[1]).to(ctx.dtypes[2])
+    elif need[5]:
+        S, M = ctx.num_stitches, dy.shape[0]
+        ids = stitch_ids.expand(M)
+        rows = torch.where((ids >= 0) & (ids < S), ids, S)  # invalid ids land in a dropped extra row
+        grads[5] = dy.new_zeros(S + 1, dy.shape[1]).index_add(0, rows, dy)[:S].to(ctx.dtypes[2])
+    if need[1]:
+        grads[1] = grad_y.t().mm(x)
+    if need[2]:
+        grads[2] = grad_y.sum(0, dtype=acc).to(grad_y.dtype)
+    return tuple(grads)
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad_y, grad_xa):
         x, weight, lora_a, lora_b, xa, stitch_ids = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): double backward needs a graph
+            return _differentiable_backward(ctx, grad_y, x, weight, lora_a, lora_b, stitch_ids)
         need = ctx.needs_input_grad
         mask = [need[0], need[3], need[4], need[5]]
         grad_y = grad_y.contiguous()

@@ -5,6 +5,10 @@ outside [-1, S) IndexError; every message names the argument.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -18,6 +22,41 @@ def _check_tensor(name: str, t, allow_none: bool = True) -> None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"stitched_linear: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
+def host_stitch_id(value) -> int:
+    """An int stitch id given on the host: a Python int or anything with __index__ (numpy integers),
+    never a bool."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"stitched_linear: stitch_ids must be an int or an integer tensor, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"stitched_linear: stitch_ids must be an int or an integer tensor, got {type(value).__name__}"
+        ) from None
+
+
+def check_scale(scale) -> float:
+    """The LoRA scale: a finite real number (int, float, numpy float; not a bool or a string)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"stitched_linear: scale must be a real number, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"stitched_linear: scale must be finite, got {scale}")
+    return scale
+
+
+def as_int64_ids(ids: torch.Tensor) -> torch.Tensor:
+    """The ids as int64, without wrapping: uint64 values above 2^63 - 1 (which a cast would turn negative,
+    e.g. 2^64 - 1 into -1, "no stitch bias") become 2^63 - 1, out of range for every table. No data is read
+    on the host."""
+    if ids.dtype == torch.int64:
+        return ids
+    if ids.dtype == torch.uint64:
+        signed = ids.view(torch.int64)
+        return torch.where(signed < 0, torch.iinfo(torch.int64).max, signed)
+    return ids.to(torch.int64)
 
 
 def check_stitched_linear_args(x, weight, bias, lora_a, lora_b, stitch_bias, stitch_ids) -> None:
@@ -93,12 +132,11 @@ def check_stitched_linear_args(x, weight, bias, lora_a, lora_b, stitch_bias, sti
                     f"stitched_linear: stitch_ids must be an int, a 0-d tensor, or have x's leading shape "
                     f"{tuple(x.shape[:-1])}, got {tuple(stitch_ids.shape)}"
                 )
-        elif isinstance(stitch_ids, bool) or not isinstance(stitch_ids, int):
-            raise TypeError(f"stitched_linear: stitch_ids must be an int or an integer tensor, got {type(stitch_ids).__name__}")
         else:
+            stitch_id = host_stitch_id(stitch_ids)
             S = stitch_bias.shape[0]
-            if not -1 <= stitch_ids < S:
-                raise IndexError(f"stitched_linear: stitch id {stitch_ids} is outside [-1, {S}) (S = {S} stitch-bias rows)")
+            if not -1 <= stitch_id < S:
+                raise IndexError(f"stitched_linear: stitch id {stitch_id} is outside [-1, {S}) (S = {S} stitch-bias rows)")
 
     dev = x.device
     for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
@@ -129,7 +167,7 @@ def ids_checked_on_host(ids: torch.Tensor) -> bool:
 def check_ids_range(ids: torch.Tensor, num_stitches: int) -> None:
     """Raises IndexError for any id outside [-1, S). Reads the ids: call it for host ids only (on a GPU it
     would be a device sync; use the flag below there)."""
-    if ids is None or ids.numel() == 0:
+    if ids is None or ids.numel() == 0 or ids.device.type == "meta":  # meta tensors hold no values
         return
     lo, hi = torch.aminmax(ids)
     lo, hi = int(lo), int(hi)
@@ -158,5 +196,6 @@ def assert_ids_in_range_async(ids: torch.Tensor, num_stitches: int) -> None:
 
 
 def flat_ids(stitch_ids: torch.Tensor) -> torch.Tensor:
-    """The 1-D int64 ids the ops take (a view when the ids already are contiguous int64)."""
-    return stitch_ids.reshape(-1).to(torch.int64)
+    """The 1-D int64 ids the ops take (a view when the ids already are contiguous int64; uint64 ids above
+    2^63 - 1 saturate, see as_int64_ids)."""
+    return as_int64_ids(stitch_ids.reshape(-1))

@@ -10,30 +10,37 @@
 They solve min ||[H_in, 1] [W, b]^T - H_out|| over every token seen (without the ones column for
 bias=False). The state is O(in * (in + out)) float64, whatever the number of tokens.
 
-What is accumulated. The first update fixes a shift (s, t) = that batch's column means (float32). Each
-batch goes through the fused op esta::lstsq_accumulate (backends torch / cpu / triton / cuda), which with
-u = h_in - s, v = h_out - t, ua = [u, 1] returns G = ua^T ua and C = ua^T v in float64. The sums over all
-batches are the state. The solve turns them into the centred scatter matrices
-    Cxx = G_uu - su su^T / n,    Cxy = C_uv - su sv^T / n     (su, sv: column sums of u and v)
-solves Cxx W^T = Cxy and gets b = mean(h_out) - W mean(h_in).
+What is accumulated. The state is the merged centred statistics of every token seen, in float64:
+    n, mean_in, mean_out, Sxx = sum (x - mean_in)(x - mean_in)^T, Sxy = sum (x - mean_in)(y - mean_out)^T.
+Each batch is cut into blocks of 1024 rows (SHIFT_BLOCK_ROWS). A pre-pass takes each block's column sums in
+float64; the block's shift is its mean rounded to float32. The fused op esta::lstsq_accumulate (backends
+torch / cpu / triton / cuda) then reads the batch once and, with each row centred by its own block's shift
+(u = h_in - s_b, v = h_out - t_b, ua = [u, 1]), returns the float64 sums of the block products ua^T ua and
+ua^T v. From those and the exact float64 block sums the batch's centred statistics follow, and batches
+merge into the state by Chan et al.'s pairwise update:
+    Sxx = sum over blocks of (U_b^T U_b - su_b su_b^T / n_b) + sum over blocks of n_b (m_b - m)(m_b - m)^T
+    merge (n1, m1, S1) + (n2, m2, S2): S = S1 + S2 + n1 n2 / (n1 + n2) (m2 - m1)(m2 - m1)^T
+(su_b = n_b (m_b - s_b), the block sum of u). Every term is a sum of positive semidefinite parts computed
+from centred numbers: nothing cancels, so the accuracy does not depend on where later batches lie
+relative to earlier ones (a batch 10^4 standard deviations away from the first is as accurate as the first).
 
 Error analysis (why float32 centred block products, float64 merge, float64 solve):
-  1. Centring. u = fl(h - s) is exact when h lies within a factor 2 of s (Sterbenz) and otherwise off by at
-     most 2^-24 |u|: the perturbation is relative to the spread of the data, not to its mean. Without the
-     shift, the float32 products carry errors ~2^-24 n mean^2 and the later subtraction n mean mean^T
-     cancels them only to that absolute level, losing log10(mean^2 / var) digits: with activations at
-     mean 100 and variance 1, every digit a float32 accumulator has. Float16/bfloat16 inputs convert to
-     float32 exactly.
+  1. Centring. u = fl(h - s_b) is exact when h lies within a factor 2 of s_b (Sterbenz) and otherwise off
+     by at most 2^-24 |u|: the perturbation is relative to the spread of the block's rows, not to their
+     mean. Without the shift, the float32 products carry errors ~2^-24 n mean^2 and the later subtraction
+     n mean mean^T cancels them only to that absolute level, losing log10(mean^2 / var) digits. Each
+     block's own shift keeps that true wherever the block lies; rows of one block that lie far apart from
+     one another (a block mixing two distant clusters) are a limit: their products are relative to the
+     block's spread. Float16/bfloat16 inputs convert to float32 exactly.
   2. Block products. Each entry is a float32 dot product over at most 1024 rows: a worst-case relative
      error of 1024 * 2^-24 = 6e-5 of sum |u_i u_j|, typically sqrt(1024) * 2^-24 = 2e-6 (rounding errors
-     of random sign). The block results are added in float64 (error ~2^-53 per addition), so streaming
-     over millions of tokens adds nothing: independent block errors stay at that relative level. So the
-     stats are those of data perturbed by a relative delta ~ 2e-6 (6e-5 at worst). Never TF32 (2^-11 would
-     give delta ~ 1e-3). float64 products would halve the CPU's speed and cost ~60x on GPUs without fast
-     FP64, for digits the normal equations (below) cannot use at the conditioning where they are accurate.
-  3. Float64 centring and solve. Forming Cxx from the shifted stats loses only eps64 (drift / std)^2 when
-     later batches drift from the first batch's mean: negligible below drift / std ~ 1e4. The Cholesky
-     solve in float64 adds ~kappa * 1e-16.
+     of random sign). The block results and the merge are float64 (error ~2^-53 per addition), so
+     streaming over millions of tokens adds nothing: independent block errors stay at that relative level.
+     So the stats are those of data perturbed by a relative delta ~ 2e-6 (6e-5 at worst). Never TF32
+     (2^-11 would give delta ~ 1e-3). float64 products would halve the CPU's speed and cost ~60x on GPUs
+     without fast FP64, for digits the normal equations (below) cannot use at the conditioning where they
+     are accurate.
+  3. The solve in float64 (Cholesky) adds ~kappa * 1e-16.
   So the relative error of W is about kappa(Cxx) * delta: <= 1e-4 for kappa(Cxx) up to ~50 on worst-case
   bounds and ~1e3 typically (the tests and the benchmark meet 1e-4 against numpy's float64 lstsq). The
   normal equations square the data's condition number, so a pinv/QR of the data would be more accurate on
@@ -60,17 +67,18 @@ The solve (all float64):
     Gram [H, 1]^T [H, 1] = P^T G P (P the unit-triangular shift matrix) in exact arithmetic, but decides
     the rank in centred coordinates, where the noise of the stats lives: in original coordinates a large
     mean makes the data's variance look like rounding next to the mean's eigenvalue.
-  - bias=False uses the sub-blocks without the ones column, shifted back: H^T H = G_uu + s su^T + su s^T +
-    n s s^T (its rank threshold measured against G_uu), and the same Cholesky / eigen pseudo-inverse.
-Finite input never gives NaN or inf (eigenvalues are inverted only above a positive floor). Non-finite
-activations raise ValueError naming the update ("update 3: h_in contains NaN or inf"); the check reads
-the batch's float64 stats (O(d^2)), and the activations only to name the culprit; a failed update leaves
-the state untouched.
+  - bias=False solves the uncentred normal equations H^T H W^T = H^T Y, H^T H = Sxx + n mean mean^T (its
+    rank threshold measured against Sxx), by the same Cholesky / eigen pseudo-inverse.
+Finite input never gives NaN (eigenvalues are inverted only above a positive floor). A solution too large
+for float32 (inputs near 1e-25 with targets near 1e25, say) raises OverflowError from `solve()`;
+`solve_float64()` returns it in float64. Non-finite activations raise ValueError naming the update
+("update 3: h_in contains NaN or inf"); the check reads the batch's float64 stats (O(d^2)), and the
+activations only to name the culprit; a failed update leaves the state untouched.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -171,46 +179,141 @@ def _check_ridge(ridge) -> Optional[float]:
     return float(ridge)
 
 
-def solve_from_stats(gram: Tensor, cross: Tensor, shift_in: Tensor, shift_out: Tensor, *, bias: bool = True,
-                     ridge: Optional[float] = None, rcond: Optional[float] = None,
-                     eps_acc: float = EPS_FLOAT32) -> Tuple[Tensor, Optional[Tensor]]:
-    """[W, b] from accumulated shifted stats (see the module docstring). Returns float64 W (d_out, d_in)
-    and b (d_out,) (None for bias=False)."""
-    ridge = _check_ridge(ridge)
-    f64 = torch.float64
-    g, c = gram.to(f64), cross.to(f64)
-    d = g.shape[0] - 1
-    n = g[d, d]
-    if float(n) <= 0:
-        raise RuntimeError("lstsq solve: no tokens were accumulated (call update() with data first)")
+def _check_rcond(rcond) -> Optional[float]:
     if rcond is None:
-        rcond = (d + 1) * eps_acc
-    s, t = shift_in.to(f64), shift_out.to(f64)
-    su, sv = g[:d, d], c[d]
-    g_uu, c_uv = g[:d, :d], c[:d]
+        return None
+    if isinstance(rcond, bool) or not isinstance(rcond, (int, float)):
+        raise TypeError(f"solve: rcond must be a float in [0, 1) or None, got {type(rcond).__name__}")
+    if not (0 <= rcond < 1):
+        raise ValueError(f"solve: rcond must be a float in [0, 1) (eigenvalues below rcond * the largest are "
+                         f"dropped), got {rcond}")
+    return float(rcond)
+
+
+class LstsqStats(NamedTuple):
+    """Centred float64 statistics of the tokens seen: count n, means, the scatter matrices
+    Sxx = sum (x - mean_in)(x - mean_in)^T (d_in, d_in) and Sxy = sum (x - mean_in)(y - mean_out)^T
+    (d_in, d_out), and `noise_diag` (d_in,): the sum over blocks of the diagonal of the block products
+    U_b^T U_b, the size the float32 rounding of the stats is relative to (the between-block part of Sxx is
+    float64)."""
+
+    n: float
+    mean_in: Tensor
+    mean_out: Tensor
+    sxx: Tensor
+    sxy: Tensor
+    noise_diag: Tensor
+
+    def merge(self, other: "LstsqStats") -> "LstsqStats":
+        """The statistics of both token sets (Chan et al.'s pairwise update: no cancellation)."""
+        n = self.n + other.n
+        d_in, d_out = other.mean_in - self.mean_in, other.mean_out - self.mean_out
+        w = self.n * other.n / n
+        return LstsqStats(n, self.mean_in + (other.n / n) * d_in, self.mean_out + (other.n / n) * d_out,
+                          self.sxx + other.sxx + w * torch.outer(d_in, d_in),
+                          self.sxy + other.sxy + w * torch.outer(d_in, d_out), self.noise_diag + other.noise_diag)
+
+
+def block_sums(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(rows per block (blocks,) float64, float64 column sums per block (blocks, d)) of x (n, d), blocks of
+    SHIFT_BLOCK_ROWS rows (the last one shorter)."""
+    n, d = x.shape
+    rows = _lstsq_ops.SHIFT_BLOCK_ROWS
+    full = n // rows
+    parts = []
+    if full:
+        parts.append(x[: full * rows].reshape(full, rows, d).sum(1, dtype=torch.float64))
+    if n > full * rows:
+        parts.append(x[full * rows:].sum(0, keepdim=True, dtype=torch.float64))
+    blocks = -(-n // rows)
+    counts = torch.full((blocks,), float(rows), dtype=torch.float64, device=x.device)
+    counts[-1] = n - (blocks - 1) * rows
+    return counts, torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+# Columns whose largest |value| lies outside [2^-40, 2^40] are scaled by a power of two into it before the
+# float32 products, whose squares would otherwise underflow (|u| below ~1e-19) or overflow (above ~1e19).
+_SCALE_RANGE = 40
+
+
+def column_scales(x: Tensor) -> Optional[Tensor]:
+    """Per-column powers of two (float64) that bring each column's largest |value| into [2^-40, 2^40]
+    (1 for columns already there, or all zero), or None when no column needs one; raises ValueError for
+    non-finite values (the caller names the update)."""
+    lo, hi = torch.aminmax(x, dim=0)
+    amax = torch.maximum(lo.abs(), hi.abs()).double()
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("contains NaN or inf")
+    outside = (amax > 0) & ((amax < 2.0 ** -_SCALE_RANGE) | (amax > 2.0 ** _SCALE_RANGE))
+    if not bool(outside.any()):
+        return None
+    return torch.exp2(torch.where(outside, -torch.round(torch.log2(amax)), torch.zeros_like(amax)))
+
+
+def _unscale(stats: "LstsqStats", scale_in: Optional[Tensor], scale_out: Optional[Tensor]) -> "LstsqStats":
+    """The stats of the unscaled data from those of x * scale_in, y * scale_out (exact: powers of two)."""
+    ci = stats.mean_in.new_ones(stats.mean_in.shape) if scale_in is None else 1.0 / scale_in
+    co = stats.mean_out.new_ones(stats.mean_out.shape) if scale_out is None else 1.0 / scale_out
+    return LstsqStats(stats.n, stats.mean_in * ci, stats.mean_out * co, stats.sxx * torch.outer(ci, ci),
+                      stats.sxy * torch.outer(ci, co), stats.noise_diag * ci * ci)
+
+
+def batch_stats(gram: Tensor, cross: Tensor, counts: Tensor, sums_in: Tensor, sums_out: Tensor,
+                shift_in: Tensor, shift_out: Tensor) -> LstsqStats:
+    """A batch's centred statistics from the op's block-shifted products and the exact block sums."""
+    d = sums_in.shape[1]
+    n = float(counts.sum())
+    s_in, s_out = shift_in.to(torch.float64), shift_out.to(torch.float64)
+    # block sums of u and v (float64: exact up to the rounding of the sums)
+    su, sv = sums_in - counts[:, None] * s_in, sums_out - counts[:, None] * s_out
+    su_w = su / counts[:, None]
+    # within blocks: U^T U - su su^T / n_b (su is tiny: each block is centred by its own rounded mean)
+    sxx = gram[:d, :d] - su_w.t() @ su
+    sxy = cross[:d] - su_w.t() @ sv
+    # between blocks: sum of n_b (m_b - m)(m_b - m)^T, from float64 means
+    mean_in, mean_out = sums_in.sum(0) / n, sums_out.sum(0) / n
+    dm_in = sums_in / counts[:, None] - mean_in
+    dm_out = sums_out / counts[:, None] - mean_out
+    weighted = dm_in * counts[:, None]
+    return LstsqStats(n, mean_in, mean_out, sxx + weighted.t() @ dm_in, sxy + weighted.t() @ dm_out,
+                      gram.diagonal()[:d].clone())
+
+
+def solve_from_stats(stats: LstsqStats, *, bias: bool = True, ridge: Optional[float] = None,
+                     rcond: Optional[float] = None, eps_acc: float = EPS_FLOAT32,
+                     columns: Optional[slice] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """[W, b] from centred stats (see the module docstring), optionally for a slice of the output columns.
+    Returns float64 W (d_out, d_in) and b (d_out,) (None for bias=False)."""
+    ridge = _check_ridge(ridge)
+    rcond = _check_rcond(rcond)
+    if stats.n <= 0:
+        raise RuntimeError("lstsq solve: no tokens were accumulated (call update() with data first)")
+    sxy, mean_y = stats.sxy, stats.mean_out
+    if columns is not None:
+        sxy, mean_y = sxy[:, columns], mean_y[columns]
+    d = stats.sxx.shape[0]
+    mean_x, n = stats.mean_in, stats.n
     if bias:
-        mean_u, mean_v = su / n, sv / n
-        a = g_uu - torch.outer(su, mean_u)
-        b = c_uv - torch.outer(su, mean_v)
-        noise_ref = a
+        a, b = stats.sxx, sxy
     else:
-        a = g_uu + torch.outer(s, su) + torch.outer(su, s) + n * torch.outer(s, s)
-        b = c_uv + torch.outer(su, t) + torch.outer(s, sv) + n * torch.outer(s, t)
-        noise_ref = g_uu
+        a = stats.sxx + n * torch.outer(mean_x, mean_x)
+        b = sxy + n * torch.outer(mean_x, mean_y)
     a = 0.5 * (a + a.t())
-    diag = noise_ref.diagonal().clamp_min(0)
-    scale, mean_eig = float(diag.max()), float(diag.sum()) / d
-    floor = rcond * scale
-    if not bias:  # forming H^T H from the shifted stats rounds at eps64 of its own size
-        floor += (d + 1) * EPS_FLOAT64 * float(a.diagonal().max())
+    # The rounding level of a's entries: eps_acc of the block products (within-block sizes) plus float64
+    # rounding of the rest (between-block spread, the mean term of bias=False).
+    noise_diag = eps_acc * stats.noise_diag.clamp_min(0) + EPS_FLOAT64 * a.diagonal().abs()
+    mean_eig = float(stats.sxx.diagonal().clamp_min(0).sum()) / d
+    if rcond is None:
+        floor, rcond_on_self = (d + 1) * float(noise_diag.max()), 0.0
+    else:
+        floor, rcond_on_self = rcond * float(a.diagonal().max()), rcond
     if ridge is None:
-        ridge_chol, ridge_eig = eps_acc * mean_eig, 0.0
+        ridge_chol, ridge_eig = float(noise_diag.mean()), 0.0
     else:
         ridge_chol = ridge_eig = ridge * mean_eig
-    x, dropped = _sym_solve(a, b, ridge_chol, ridge_eig, floor, rcond if bias else 0.0)
+    x, dropped = _sym_solve(a, b, ridge_chol, ridge_eig, floor, rcond_on_self)
     if not bias:
         return x.t(), None
-    mean_x, mean_y = s + mean_u, t + mean_v
     if dropped is not None and ridge_eig == 0.0:
         # Minimum norm over [W, b] among the least-squares solutions W^T = x + Z z, b = ybar - W xbar.
         az = dropped.t() @ mean_x
@@ -228,6 +331,19 @@ def _check_features(name: str, value) -> int:
     return value
 
 
+def _to_float32(name: str, t: Optional[Tensor]) -> Optional[Tensor]:
+    if t is None:
+        return None
+    out = t.float()
+    if not bool(torch.isfinite(out).all()):
+        big = float(t.abs().max())
+        raise OverflowError(
+            f"StreamingLstsq.solve: the least-squares {name} has entries up to {big:.3g}, beyond float32's range "
+            f"(3.4e38); use solve_float64() for the float64 solution, or rescale the activations"
+        )
+    return out.contiguous()
+
+
 class StreamingLstsq:
     """Accumulates the least-squares stats of (h_in, h_out) batches and solves for a linear map.
 
@@ -238,7 +354,8 @@ class StreamingLstsq:
             on that device.
         backend: of the fused accumulation op: "auto", "torch", "cpu", "triton", "cuda".
 
-    State: gram (in + 1, in + 1) and cross (in + 1, out) float64, and the float32 shift; O(in * (in + out)).
+    State (`stats`, an LstsqStats): the token count, both means and the centred scatter matrices Sxx
+    (in, in) and Sxy (in, out), float64; O(in * (in + out)) whatever the number of tokens.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, *,
@@ -254,10 +371,7 @@ class StreamingLstsq:
         self.device = None if device is None else torch.device(device)
         self.num_updates = 0  # update() calls so far, counting failed ones: errors name the call
         self.num_tokens = 0
-        self.gram: Optional[Tensor] = None
-        self.cross: Optional[Tensor] = None
-        self.shift_in: Optional[Tensor] = None
-        self.shift_out: Optional[Tensor] = None
+        self.stats: Optional[LstsqStats] = None
         self._exact = True  # every batch so far accumulated in float64
 
     @staticmethod
@@ -296,13 +410,27 @@ class StreamingLstsq:
         n = x.shape[0]
         if n == 0:
             return self
-        if self.shift_in is None:
-            # The first batch's means: keeps the float32 products centred (module docstring, point 1).
-            shift_in = torch.mean(x, 0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).float()
-            shift_out = torch.mean(y, 0, dtype=torch.float64 if y.dtype == torch.float64 else torch.float32).float()
-        else:
-            shift_in, shift_out = self.shift_in, self.shift_out
         name = _resolve_lstsq_backend(self.backend, x, y)
+        # Extreme magnitudes (float32 squares would under- or overflow): scaled by powers of two, exactly.
+        scales = []
+        for arg, t in (("h_in", x), ("h_out", y)):
+            try:
+                scales.append(column_scales(t))
+            except ValueError:
+                raise ValueError(f"{where}: {arg} contains NaN or inf") from None
+        scale_in, scale_out = scales
+        # (in float64: a factor like 2^133 for subnormal float32 columns is beyond float32 itself)
+        if scale_in is not None:
+            x = (x.to(torch.float64) * scale_in).to(x.dtype)
+        if scale_out is not None:
+            y = (y.to(torch.float64) * scale_out).to(y.dtype)
+        # Each block of rows is centred by its own mean (module docstring): float64 sums, float32 shifts.
+        counts, sums_in = block_sums(x)
+        _, sums_out = block_sums(y)
+        wide = x.dtype == torch.float64 or y.dtype == torch.float64
+        shift_dtype = torch.float64 if wide and name in ("torch", "cpu") else torch.float32
+        shift_in = (sums_in / counts[:, None]).to(shift_dtype)
+        shift_out = (sums_out / counts[:, None]).to(shift_dtype)
         check_accumulate_args(x, y, shift_in, shift_out, name)
         if name == "torch":
             gram, cross = torch_lstsq_accumulate(x, y, shift_in, shift_out)
@@ -311,21 +439,19 @@ class StreamingLstsq:
         # One reduction per stat: NaN and inf propagate through a sum (a finite sum overflowing near 1e308
         # is reported too, as an overflow, after the inputs are checked).
         if not bool(torch.isfinite(gram.sum() + cross.sum())):
-            self._raise_non_finite(where, x, y, shift_in)
+            self._raise_non_finite(where, x, y)
+        batch = batch_stats(gram, cross, counts, sums_in, sums_out, shift_in, shift_out)
+        if scale_in is not None or scale_out is not None:
+            batch = _unscale(batch, scale_in, scale_out)
         # Commit only now: a failed update leaves the state as it was.
-        if self.gram is None:
-            self.device = x.device
-            self.shift_in, self.shift_out = shift_in, shift_out
-            self.gram, self.cross = gram, cross
-        else:
-            self.gram += gram
-            self.cross += cross
+        self.device = x.device
+        self.stats = batch if self.stats is None else self.stats.merge(batch)
         self.num_tokens += n
-        self._exact = self._exact and (name == "torch" or (x.dtype == torch.float64 or y.dtype == torch.float64))
+        self._exact = self._exact and (name == "torch" or wide)
         return self
 
     @staticmethod
-    def _raise_non_finite(where: str, x: Tensor, y: Tensor, shift_in: Tensor) -> None:
+    def _raise_non_finite(where: str, x: Tensor, y: Tensor) -> None:
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{where}: h_in contains NaN or inf")
         if not bool(torch.isfinite(y).all()):
@@ -337,7 +463,7 @@ class StreamingLstsq:
 
     # ----------------------------------------------------------------------------------------- solve
     def _check_ready(self, what: str) -> None:
-        if self.gram is None:
+        if self.stats is None:
             raise RuntimeError(
                 f"{what}: no tokens accumulated yet ({self.num_updates} update(s) with data so far); call "
                 f"update(h_in, h_out) before solve()"
@@ -351,23 +477,21 @@ class StreamingLstsq:
     @torch.no_grad()
     def solve_float64(self, ridge: Optional[float] = None, *, rcond: Optional[float] = None,
                       columns: Optional[slice] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """solve() in float64, optionally for a slice of the output columns."""
+        """solve() in float64 (never overflows for finite inputs), optionally for a slice of the output columns."""
         self._check_ready("StreamingLstsq.solve")
-        cross, shift_out = self.cross, self.shift_out
-        if columns is not None:
-            cross, shift_out = cross[:, columns], shift_out[columns]
-        return solve_from_stats(self.gram, cross, self.shift_in, shift_out, bias=self.bias, ridge=ridge,
-                                rcond=rcond, eps_acc=self.eps_acc)
+        return solve_from_stats(self.stats, bias=self.bias, ridge=ridge, rcond=rcond, eps_acc=self.eps_acc,
+                                columns=columns)
 
     def solve(self, ridge: Optional[float] = None, *, rcond: Optional[float] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """weight (out, in) and bias (out,) in float32 (bias None when bias=False).
 
         ridge: None (a ridge at the stats' rounding level, with the minimum-norm fallback), or a float >= 0
             relative to trace(Cxx) / in_features (0: plain least squares). rcond: the relative eigenvalue
-            cutoff, default (in_features + 1) * eps_acc. See the module docstring.
+            cutoff in [0, 1), default (in_features + 1) * eps_acc. See the module docstring. Raises
+            OverflowError when the solution does not fit float32 (solve_float64 returns it).
         """
         w, b = self.solve_float64(ridge, rcond=rcond)
-        return w.float().contiguous(), (None if b is None else b.float().contiguous())
+        return _to_float32("weight", w), _to_float32("bias", b)
 
 
 class MultiTargetLstsq:
@@ -431,14 +555,14 @@ class MultiTargetLstsq:
     def solve(self, i: int, ridge: Optional[float] = None, *, rcond: Optional[float] = None):
         """(weight, bias) of target i, float32."""
         w, b = self._solver.solve_float64(ridge, rcond=rcond, columns=self._columns(i))
-        return w.float().contiguous(), (None if b is None else b.float().contiguous())
+        return _to_float32("weight", w), _to_float32("bias", b)
 
     def solve_all(self, ridge: Optional[float] = None, *, rcond: Optional[float] = None) -> List[tuple]:
         """[(weight, bias) per target], from one factorization of the shared Gram."""
         w, b = self._solver.solve_float64(ridge, rcond=rcond)
         out = []
         for lo, hi in zip(self.offsets[:-1], self.offsets[1:]):
-            out.append((w[lo:hi].float().contiguous(), None if b is None else b[lo:hi].float().contiguous()))
+            out.append((_to_float32("weight", w[lo:hi]), None if b is None else _to_float32("bias", b[lo:hi])))
         return out
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from esta_kernels._validate import as_int64_ids, check_ids_range
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -23,15 +25,17 @@ def torch_stitched_linear(x, weight, bias=None, lora_a=None, lora_b=None, stitch
         y = y + scale * (xa @ lora_b.to(acc).t())
     if stitch_bias is not None and stitch_ids is not None:
         S, N = stitch_bias.shape
-        ids = torch.as_tensor(stitch_ids, device=x.device).to(torch.int64)
-        if ids.numel() and not torch.compiler.is_compiling():
-            from esta_kernels._validate import check_ids_range
-
+        ids = as_int64_ids(torch.as_tensor(stitch_ids, device=x.device))
+        valid = (ids >= -1) & (ids < S)
+        if torch.compiler.is_compiling():
+            # no host read while tracing: a device-side assert (raised when the compiled code runs)
+            torch._assert_async(valid.all(), "stitched_linear: a stitch id is outside [-1, S) (S = stitch-bias rows)")
+        elif ids.numel():
             check_ids_range(ids, S)
         ids = ids.expand(x.shape[:-1])
-        # -1 picks an appended row of zeros
+        # -1 (and, past the assert, any invalid id) picks an appended row of zeros: never an out-of-bounds read
         table = torch.cat([stitch_bias.to(acc), stitch_bias.new_zeros(1, N, dtype=acc)], 0)
-        y = y + table[torch.where(ids < 0, S, ids)]
+        y = y + table[torch.where(valid.expand(x.shape[:-1]) & (ids >= 0), ids, S)]
     return y.to(x.dtype)
 
 
@@ -55,11 +59,19 @@ def naive_stitched_linear(x, weight, bias=None, lora_a=None, lora_b=None, stitch
 def torch_lstsq_accumulate(h_in, h_out, shift_in, shift_out):
     """One batch of the least-squares init, the literal contract in float64 (esta::lstsq_accumulate).
 
-    u = h_in - shift_in, v = h_out - shift_out, ua = [u, 1]; returns (ua.T @ ua, ua.T @ v) in float64.
+    u = h_in - shift_in[b], v = h_out - shift_out[b] for row m of block b = m // 1024 (2-D shifts, one row
+    per block; a 1-D shift applies to every row), ua = [u, 1]; returns (ua.T @ ua, ua.T @ v) in float64.
     Makes float64 copies of the batch: it is the oracle, not a fast path.
     """
-    u = h_in.to(torch.float64) - shift_in.to(torch.float64)
-    v = h_out.to(torch.float64) - shift_out.to(torch.float64)
+    from esta_kernels._lstsq_ops import SHIFT_BLOCK_ROWS
+
+    def centred(h, shift):
+        shift = shift.to(torch.float64)
+        if shift.dim() == 2:
+            shift = shift[torch.arange(h.shape[0], device=h.device) // SHIFT_BLOCK_ROWS]
+        return h.to(torch.float64) - shift
+
+    u, v = centred(h_in, shift_in), centred(h_out, shift_out)
     ua = torch.cat([u, u.new_ones(u.shape[0], 1)], 1)
     return ua.t() @ ua, ua.t() @ v
 

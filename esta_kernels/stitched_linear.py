@@ -4,13 +4,14 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from esta_kernels import _ops
-from esta_kernels._validate import check_stitched_linear_args, flat_ids
+from esta_kernels._validate import check_scale, check_stitched_linear_args, flat_ids, host_stitch_id
 from esta_kernels.backends import resolve_backend
 from esta_kernels.reference import torch_stitched_linear
 
@@ -67,6 +68,9 @@ def stitched_linear(
         # first, as F.linear does: under autocast x may arrive in the autocast dtype with a float32 weight
         x, weight, bias, lora_a, lora_b, stitch_bias = _apply_autocast(x, weight, bias, lora_a, lora_b, stitch_bias)
     check_stitched_linear_args(x, weight, bias, lora_a, lora_b, stitch_bias, stitch_ids)
+    scale = check_scale(scale)
+    if stitch_ids is not None and not isinstance(stitch_ids, Tensor):
+        stitch_ids = host_stitch_id(stitch_ids)  # numpy integers included
     name = resolve_backend(backend, x.device)
     if name == "torch":
         return torch_stitched_linear(x, weight, bias, lora_a, lora_b, stitch_bias, stitch_ids, scale=scale)
@@ -78,7 +82,7 @@ def stitched_linear(
     lead = x.shape[:-1]
     K = x.shape[-1]
     N = weight.shape[0]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(math.prod(lead), K)  # not (-1, K): K may be 0
     ids = None
     if stitch_bias is not None and stitch_ids is not None:
         if isinstance(stitch_ids, int):

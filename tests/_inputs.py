@@ -17,9 +17,9 @@ def make_inputs(M, K, N, r, S, *, dtype=torch.float32, device="cpu", lora=True, 
 
     shape = tuple(lead) + (K,) if lead is not None else (M, K)
     x = rnd(*shape)
-    weight = rnd(N, K, s=K ** -0.5)
+    weight = rnd(N, K, s=max(K, 1) ** -0.5)
     b = rnd(N) if bias else None
-    a_ = rnd(r, K, dt=pdt, s=K ** -0.5) if lora else None
+    a_ = rnd(r, K, dt=pdt, s=max(K, 1) ** -0.5) if lora else None
     b_ = rnd(N, r, dt=pdt, s=r ** -0.5) if lora else None
     sb = rnd(S, N, dt=pdt) if S is not None else None
     lead_shape = shape[:-1]

@@ -167,3 +167,59 @@ def test_id_checks_have_no_memo_and_gpu_ids_are_never_read_by_the_host(monkeypat
                                  else "torch")
     with pytest.raises(IndexError, match=r"stitch id 3 is outside \[-1, 3\)"):
         esta_kernels.stitched_linear(**inp, stitch_ids=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", ["2", None, True, torch.tensor(2.0), 1j])
+def test_scale_must_be_a_real_number_on_every_backend(backend, bad):
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        esta_kernels.stitched_linear(**_inp(), scale=bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_must_be_finite_and_numpy_floats_work(backend):
+    import numpy as np
+
+    with pytest.raises(ValueError, match="scale must be finite"):
+        esta_kernels.stitched_linear(**_inp(), scale=float("nan"), backend=backend)
+    inp = _inp(seed=1)
+    torch.testing.assert_close(esta_kernels.stitched_linear(**inp, scale=np.float32(0.5), backend=backend),
+                               esta_kernels.stitched_linear(**inp, scale=0.5, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [2**64 - 1, 2**63, 4])
+def test_uint64_ids_do_not_wrap(backend, bad):
+    """uint64 2^64 - 1 once wrapped to -1 ("no stitch bias") in the int64 cast; every id >= S raises."""
+    inp = _inp()
+    ids = inp["stitch_ids"].clamp_min(0).to(torch.uint64)
+    ids[2] = bad
+    with pytest.raises(IndexError, match=r"outside \[-1, 4\)"):
+        esta_kernels.stitched_linear(**{**inp, "stitch_ids": ids}, backend=backend)
+
+
+def test_meta_tensors_on_the_torch_backend():
+    """Shape inference on the meta device: no id values to read, the output shape comes back."""
+    inp = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in _inp().items()}
+    y = esta_kernels.stitched_linear(**inp, backend="torch")
+    assert y.device.type == "meta" and y.shape == (9, 10)
+
+
+@pytest.mark.parametrize("bad", [-3, 4, 7])
+@pytest.mark.parametrize("kind", ["rows", "int-tensor"])
+def test_out_of_range_ids_under_compile_raise_on_the_torch_backend(bad, kind):
+    """Under torch.compile the id range cannot be read on the host while tracing: a device-side assert
+    raises when the compiled code runs (id -3 was silently "no bias", 7 hit an Inductor index assert)."""
+    inp = _inp()
+    if kind == "rows":
+        ids = inp["stitch_ids"].clone()
+        ids[4] = bad
+    else:
+        ids = torch.tensor(bad)
+    fn = torch.compile(lambda x, i: esta_kernels.stitched_linear(**{**inp, "x": x, "stitch_ids": i}, backend="torch"),
+                       fullgraph=True)
+    good = inp["stitch_ids"]
+    torch.testing.assert_close(fn(inp["x"], good), esta_kernels.stitched_linear(**inp, backend="torch"))
+    with pytest.raises(RuntimeError, match=r"stitch id is outside \[-1, S\)"):
+        fn(inp["x"], ids)
+    torch._dynamo.reset()

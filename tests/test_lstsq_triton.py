@@ -49,6 +49,9 @@ def _reference(h_in, h_out, shift_in, shift_out):
     """(gram, cross, bound): the float64 results and an elementwise error bound for the kernels."""
     h_in, h_out = h_in.double().cpu(), h_out.double().cpu()
     s_in, s_out = shift_in.double().cpu(), shift_out.double().cpu()
+    if s_in.dim() == 2:  # one shift row per block of 1024 rows
+        block = torch.arange(h_in.shape[0]) // 1024
+        s_in, s_out = s_in[block], s_out[block]
     ones = torch.ones(h_in.shape[0], 1, dtype=torch.float64)
     ua = torch.cat([h_in - s_in, ones], 1)
     v = h_out - s_out
@@ -83,6 +86,24 @@ def test_interpreter_matches_float64(device, n, d_in, d_out, dtype, poison_empty
     args = _inputs(n, d_in, d_out, dtype, device, seed=n + d_in)
     gram, cross = triton_lstsq_accumulate(*args)
     _check(gram, cross, *args)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=interp, id="interp"),
+                                    pytest.param("cuda", marks=gpu_triton, id="gpu")])
+@pytest.mark.parametrize("n", [1025, 2600])
+def test_block_shifts(device, n):
+    """2-D shifts: rows of block b (1024 rows) subtract row b; the splits and the interpreter's shorter
+    float32 blocks both cross the shift blocks' edges."""
+    g = torch.Generator().manual_seed(n)
+    blocks = -(-n // 1024)
+    offsets = torch.tensor([0.0, 500.0, -200.0][:blocks]).repeat_interleave(1024)[:n, None]
+    h_in = (torch.randn(n, 6, generator=g) + offsets).to(device)
+    h_out = (torch.randn(n, 5, generator=g) * 2 - offsets).to(device)
+    s_in = torch.stack([h_in[i:i + 1024].mean(0) for i in range(0, n, 1024)]).float()
+    s_out = torch.stack([h_out[i:i + 1024].mean(0) for i in range(0, n, 1024)]).float()
+    gram, cross = triton_lstsq_accumulate(h_in, h_out, s_in, s_out)
+    _check(gram, cross, h_in, h_out, s_in, s_out)
+    assert gram[:6, :6].diagonal().max().item() < 2 * n  # centred per block (the offsets would give ~1e5 n)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=interp, id="interp"),
@@ -133,7 +154,7 @@ def test_bad_arguments(device):
     with pytest.raises(ValueError, match="shift_in"):
         f(h_in, h_out, s_in[:3], s_out)
     with pytest.raises(ValueError, match="shift_out"):
-        f(h_in, h_out, s_in, s_out[None])
+        f(h_in, h_out, s_in, s_out[None].expand(2, 3))  # 8 rows are one block: one shift row
     with pytest.raises(ValueError, match="h_in"):
         f(h_in[:, :0], h_out, s_in[:0], s_out)
     with pytest.raises(TypeError, match="h_in"):

@@ -453,3 +453,32 @@ def test_export_generic_anchors_and_errors(tmp_path):
         esta.export.load(str(tmp_path / "seq"), module=net)
     with pytest.raises(ValueError, match="not made by"):
         esta.export.save(nn.Linear(2, 2), str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("kind", ["deepcopy", "torch.save"])
+def test_copied_model_runs_the_member_chosen_after_the_copy(kind, tmp_path):
+    """A model copied after switching members runs each member as the original does. Copies once reused a
+    stitch id cached (per layer) before the copy, when the copy's own switches brought that layer's id
+    buffer's version counter back to the cached value before its next forward: so the copy here switches
+    k times among members that never run anchor 0's blocks, for every k up to past that value, and then runs
+    anchor 0, whose layers last ran (before the copy) with a stitch's rows."""
+    import copy
+
+    model = _trained_pst_model()
+    x = _images(2, seed=3)
+    stitch = next(s.id for s in model.stitches if not s.is_anchor and s.front == 0)
+    with torch.no_grad():
+        expected = model(x, stitch=0)
+        for i in (0, stitch, 1, 2, stitch):
+            model(x, stitch=i)
+        if kind == "torch.save":
+            torch.save(model, tmp_path / "model.pt")
+        for k in range(16):
+            if kind == "deepcopy":
+                clone = copy.deepcopy(model)
+            else:
+                clone = torch.load(tmp_path / "model.pt", weights_only=False)
+            for t in range(k):
+                clone(x, stitch=1 + t % 2)  # anchors 1 and 2
+            torch.testing.assert_close(clone(x, stitch=0), expected, rtol=1e-5, atol=1e-6,
+                                       msg=f"anchor 0 after {k} switches in the copy")

@@ -170,3 +170,41 @@ def test_extension_is_built_where_required():
         pytest.skip("neither CI nor ESTA_REQUIRE_EXTENSION=1 is set: running without the extension is allowed")
     assert _ext.HAS_EXTENSION, f"esta_kernels._C did not import: {_ext.EXTENSION_ERROR}"
     assert "cpu" in esta_kernels.available_backends()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in CPU_BACKENDS])
+@pytest.mark.parametrize("ids", ["rows", "int", "none"])
+def test_gradgradcheck_float64(backend, ids):
+    """Double backward (backward with create_graph=True) is supported on every backend: the backward runs
+    as differentiable torch ops then (the cpu backend's fused backward once failed there)."""
+    inp = make_inputs(5, 6, 4, 2, 3, dtype=torch.float64, ids=ids, requires_grad=True)
+    names = ["x", "lora_a", "lora_b", "stitch_bias"]
+
+    def f(x, a, b, sb):
+        return esta_kernels.stitched_linear(x, inp["weight"], inp["bias"], a, b, sb, inp["stitch_ids"], scale=0.7,
+                                            backend=backend)
+
+    assert torch.autograd.gradgradcheck(f, tuple(inp[n] for n in names))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_in_features_gives_the_biases(backend, poison_empty):
+    """K = 0, as F.linear: y = bias (+ the stitch bias; the LoRA adds nothing); dx is (M, 0)."""
+    inp = make_inputs(7, 0, 9, 2, 3, ids="rows", requires_grad=True)
+    y = esta_kernels.stitched_linear(**inp, backend=backend)
+    torch.testing.assert_close(y.double(), reference(inp, 1.0))
+    y.sum().backward()
+    assert inp["x"].grad.shape == (7, 0) and inp["lora_a"].grad.shape == (2, 0)
+    torch.testing.assert_close(inp["lora_b"].grad, torch.zeros(9, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_integer_ids_equal_int_ids(backend):
+    import numpy as np
+
+    inp = make_inputs(5, 8, 6, 2, 4, ids="none")
+    want = esta_kernels.stitched_linear(**{**inp, "stitch_ids": 3}, backend=backend)
+    for value in (np.int64(3), np.int32(3), np.uint8(3)):
+        torch.testing.assert_close(esta_kernels.stitched_linear(**{**inp, "stitch_ids": value}, backend=backend), want)
+    with pytest.raises(IndexError, match=r"outside \[-1, 4\)"):
+        esta_kernels.stitched_linear(**{**inp, "stitch_ids": np.int64(4)}, backend=backend)

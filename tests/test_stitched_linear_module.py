@@ -474,3 +474,118 @@ def test_compile_with_auto_backend():
         assert counter.frame_count == 1
     finally:
         torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------- copies keep the selected stitch
+COPY_KINDS = ("deepcopy", "pickle", "torch.save", "load_state_dict", "to", "_apply")
+# switch sequences before and after the copy: every length from 1 to 4, repeating ids on purpose (the bug
+# this guards against was a cached id keyed on the buffer's version counter, which copies restart)
+SEQUENCES = ((1,), (0, 1), (2, 0, 2), (3, 1, -1, 1))
+
+
+def _copy_module(layer, kind, tmp_path):
+    import pickle
+
+    if kind == "deepcopy":
+        return copy.deepcopy(layer)
+    if kind == "pickle":
+        return pickle.loads(pickle.dumps(layer))
+    if kind == "torch.save":
+        path = tmp_path / "layer.pt"
+        torch.save(layer, path)
+        return torch.load(path, weights_only=False)
+    if kind == "load_state_dict":
+        other = make_layer(randomize=False)
+        other.load_state_dict(layer.state_dict())
+        other.stitch_ids = layer.stitch_ids  # the id is not state: it is set again after loading
+        return other
+    if kind == "to":
+        return layer.to(torch.float64)
+    # _apply with new tensors, as a move to another device does: a new id buffer whose version restarts
+    return layer._apply(lambda t: t.clone())
+
+
+@pytest.mark.parametrize("kind", COPY_KINDS)
+@pytest.mark.parametrize("before", SEQUENCES)
+@pytest.mark.parametrize("after", SEQUENCES)
+def test_copies_use_the_stitch_selected_after_the_copy(kind, before, after, tmp_path):
+    layer = make_layer("auto")
+    for stitch in before:
+        layer.stitch_ids = stitch
+        x = torch.randn(3, IN)
+        torch.testing.assert_close(layer(x).double(), reference(layer, x, stitch), atol=1e-5, rtol=1e-5)
+    clone = _copy_module(layer, kind, tmp_path)
+    dtype = clone.weight.dtype
+    assert clone.stitch_ids == before[-1]
+    for stitch in after:
+        clone.stitch_ids = stitch
+        x = torch.randn(3, IN, dtype=dtype)
+        torch.testing.assert_close(clone(x).double(), reference(clone, x, stitch), atol=1e-5, rtol=1e-5,
+                                   msg=f"{kind}: stitch {stitch} after {before}")
+    if clone is not layer:  # the original keeps its own stitch
+        x = torch.randn(3, IN)
+        torch.testing.assert_close(layer(x).double(), reference(layer, x, before[-1]), atol=1e-5, rtol=1e-5)
+
+
+def test_an_in_place_write_to_the_id_buffer_is_seen():
+    """Writes that bypass the setter (a DDP buffer broadcast copies into the buffer) select that stitch."""
+    layer = make_layer("auto")
+    layer.stitch_ids = 1
+    x = torch.randn(2, IN)
+    layer(x)
+    with torch.no_grad():
+        layer._stitch_id.copy_(torch.tensor(3))
+    torch.testing.assert_close(layer(x).double(), reference(layer, x, 3), atol=1e-5, rtol=1e-5)
+
+
+_DDP_WORKER = r"""
+import sys, torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from esta.nn import StitchedLinear
+from esta_kernels.reference import torch_stitched_linear
+
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+torch.manual_seed(0)
+layer = StitchedLinear.from_linear(nn.Linear(7, 5), rank=2, num_stitches=4)
+with torch.no_grad():
+    layer.lora_b.normal_(); layer.stitch_bias.normal_()
+x = torch.randn(3, 7)
+# each rank switches on its own, and runs once (a cached id exists), then DDP with buffer broadcast
+for stitch in ((0, 2) if rank == 0 else (1, 3)):
+    layer.stitch_ids = stitch
+    layer(x)
+ddp = DistributedDataParallel(layer, broadcast_buffers=True)
+got = ddp(x)
+want = torch_stitched_linear(x, layer.weight, layer.bias, layer.lora_a, layer.lora_b, layer.stitch_bias, 2,
+                             scale=layer.scale)
+torch.testing.assert_close(got, want)  # rank 0's stitch on every rank
+assert layer.stitch_ids == 2
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
+)
+def test_ddp_buffer_broadcast_selects_rank_zeros_stitch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    store = str(tmp_path / "store")
+    procs = [subprocess.Popen([sys.executable, "-c", _DDP_WORKER, str(r), store], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"ok {r}" in out, out

@@ -1,11 +1,12 @@
 // CPU kernel of esta::lstsq_accumulate (schema in csrc/ops.cpp): one batch of the streaming least-squares
 // stitching init.
 //
-//   u = h_in - shift_in, v = h_out - shift_out, ua = [u, 1]
+//   u = h_in - shift_in[b], v = h_out - shift_out[b] for the rows of block b, ua = [u, 1]
 //   gram = ua.T @ ua (d_in + 1, d_in + 1), cross = ua.T @ v (d_in + 1, d_out), both float64
 //
-// The batch is cut into blocks of at most 1024 rows. Each block is written once into a float32 buffer
-// [u, 1, v] (centred by the shift, converted from any input dtype and strides by one copy). BLAS GEMMs then
+// The batch is cut into blocks of 1024 rows (the last one shorter); block b is centred by row b of a 2-D
+// shift ((blocks, d)), or by the one shift of a 1-D one. Each block is written once into a float32 buffer
+// [u, 1, v] (centred by its shift, converted from any input dtype and strides by one copy). BLAS GEMMs then
 // give its [gram | cross] = ua.T @ [ua, v], the ones column supplying the row sums; by row chunks of 128
 // columns of ua, each chunk multiplying only the columns from its own first one on, so about half of the
 // Gram's lower triangle is never computed (a syrk in pieces; the upper triangle is mirrored at the end).
@@ -67,10 +68,15 @@ void check_lstsq_args(const Tensor& h_in, const Tensor& h_out, const Tensor& shi
                     h_in.sizes());
   TORCH_CHECK_VALUE(h_out.size(1) >= 1, op, ": h_out must have at least one feature (d_out >= 1), got shape ",
                     h_out.sizes());
-  TORCH_CHECK_VALUE(shift_in.dim() == 1 && shift_in.size(0) == h_in.size(1), op, ": shift_in must have shape (",
-                    h_in.size(1), ",) to match h_in, got ", shift_in.sizes());
-  TORCH_CHECK_VALUE(shift_out.dim() == 1 && shift_out.size(0) == h_out.size(1), op, ": shift_out must have shape (",
-                    h_out.size(1), ",) to match h_out, got ", shift_out.sizes());
+  const int64_t blocks = (h_in.size(0) + kBlockRows - 1) / kBlockRows;
+  TORCH_CHECK_VALUE((shift_in.dim() == 1 && shift_in.size(0) == h_in.size(1)) ||
+                        (shift_in.dim() == 2 && shift_in.size(0) == blocks && shift_in.size(1) == h_in.size(1)),
+                    op, ": shift_in must have shape (", h_in.size(1), ",) or (", blocks, ", ", h_in.size(1),
+                    ") (one row per block of ", kBlockRows, " rows of h_in), got ", shift_in.sizes());
+  TORCH_CHECK_VALUE((shift_out.dim() == 1 && shift_out.size(0) == h_out.size(1)) ||
+                        (shift_out.dim() == 2 && shift_out.size(0) == blocks && shift_out.size(1) == h_out.size(1)),
+                    op, ": shift_out must have shape (", h_out.size(1), ",) or (", blocks, ", ", h_out.size(1),
+                    ") (one row per block of ", kBlockRows, " rows of h_out), got ", shift_out.sizes());
 }
 
 std::tuple<Tensor, Tensor> lstsq_accumulate_cpu(const Tensor& h_in, const Tensor& h_out, const Tensor& shift_in,
@@ -97,8 +103,9 @@ std::tuple<Tensor, Tensor> lstsq_accumulate_cpu(const Tensor& h_in, const Tensor
       // One pass per input: convert (any dtype, any strides) and centre, into the block buffer.
       Tensor u = b.narrow(1, 0, d_in);
       Tensor v = b.narrow(1, da, d_out);
-      at::sub_out(u, h_in.narrow(0, r0, rows), s_in);
-      at::sub_out(v, h_out.narrow(0, r0, rows), s_out);
+      const int64_t block = r0 / kBlockRows;
+      at::sub_out(u, h_in.narrow(0, r0, rows), s_in.dim() == 2 ? s_in[block] : s_in);
+      at::sub_out(v, h_out.narrow(0, r0, rows), s_out.dim() == 2 ? s_out[block] : s_out);
       // The Gram is symmetric: row chunk [j0, j1) of [gram | cross] needs only the columns from j0 on,
       // which skips about half of the Gram's products (a syrk in pieces; mirrored below).
       for (int64_t j0 = 0; j0 < da; j0 += kGramChunk) {

@@ -50,10 +50,15 @@ std::tuple<Tensor, Tensor> lstsq_accumulate_cuda(const Tensor& h_in, const Tenso
   const int64_t n = h_in.size(0), d_in = h_in.size(1), d_out = h_out.size(1);
   TORCH_CHECK_VALUE(d_in > 0, kOp, ": h_in has no features (shape ", h_in.sizes(), ")");
   TORCH_CHECK_VALUE(d_out > 0, kOp, ": h_out has no features (shape ", h_out.sizes(), ")");
-  TORCH_CHECK_VALUE(shift_in.dim() == 1 && shift_in.size(0) == d_in, kOp, ": shift_in must have shape (", d_in,
-                    ",), got ", shift_in.sizes());
-  TORCH_CHECK_VALUE(shift_out.dim() == 1 && shift_out.size(0) == d_out, kOp, ": shift_out must have shape (",
-                    d_out, ",), got ", shift_out.sizes());
+  const int64_t blocks = (n + 1023) / 1024;
+  TORCH_CHECK_VALUE((shift_in.dim() == 1 && shift_in.size(0) == d_in) ||
+                        (shift_in.dim() == 2 && shift_in.size(0) == blocks && shift_in.size(1) == d_in),
+                    kOp, ": shift_in must have shape (", d_in, ",) or (", blocks, ", ", d_in,
+                    ") (one row per block of 1024 rows), got ", shift_in.sizes());
+  TORCH_CHECK_VALUE((shift_out.dim() == 1 && shift_out.size(0) == d_out) ||
+                        (shift_out.dim() == 2 && shift_out.size(0) == blocks && shift_out.size(1) == d_out),
+                    kOp, ": shift_out must have shape (", d_out, ",) or (", blocks, ", ", d_out,
+                    ") (one row per block of 1024 rows), got ", shift_out.sizes());
   TORCH_CHECK_TYPE(is_float(h_in.scalar_type()), kOp,
                    ": h_in must be float32, float16, bfloat16 or float64, got ", h_in.scalar_type());
   TORCH_CHECK_TYPE(is_float(h_out.scalar_type()), kOp,
@@ -98,6 +103,8 @@ std::tuple<Tensor, Tensor> lstsq_accumulate_cuda(const Tensor& h_in, const Tenso
   p.out_stride_k = b.stride(1);
   p.shift_in = s_in.data_ptr();
   p.shift_out = s_out.data_ptr();
+  p.shift_in_stride_b = s_in.dim() == 2 ? s_in.stride(0) : 0;
+  p.shift_out_stride_b = s_out.dim() == 2 ? s_out.stride(0) : 0;
   esta_cuda::lstsq_row_splits(n, d_in, d_out, num_sms(h_in.get_device()), &p.rows_per_split, &p.splits);
   Tensor partials = at::empty({p.splits, d_in + 1, d_in + 1 + d_out}, f64);
   p.partials = partials.data_ptr<double>();

@@ -45,8 +45,6 @@ __global__ void __launch_bounds__(kThreads, 2) lstsq_accumulate_kernel(const Lst
   const int64_t d_in = p.d_in, D = p.d_in + 1 + p.d_out;
   const T* h_in = static_cast<const T*>(p.h_in);
   const T* h_out = static_cast<const T*>(p.h_out);
-  const S* shift_in = static_cast<const S*>(p.shift_in);
-  const S* shift_out = static_cast<const S*>(p.shift_out);
 
   __shared__ float sa[kRows][kTile];  // ua[m, i0 + c]
   __shared__ float sb[kRows][kTile];  // c[m, j0 + c] = [u | 1 | v]
@@ -66,6 +64,9 @@ __global__ void __launch_bounds__(kThreads, 2) lstsq_accumulate_kernel(const Lst
   const int64_t m_end = std::min(p.n, m_begin + p.rows_per_split);
   for (int64_t b0 = m_begin; b0 < m_end; b0 += kRowBlock) {
     const int64_t b_end = std::min(m_end, b0 + kRowBlock);
+    // splits are whole row blocks, so b0 starts a block: its own shift row
+    const S* shift_in = static_cast<const S*>(p.shift_in) + (b0 / kRowBlock) * p.shift_in_stride_b;
+    const S* shift_out = static_cast<const S*>(p.shift_out) + (b0 / kRowBlock) * p.shift_out_stride_b;
     for (int64_t m0 = b0; m0 < b_end; m0 += kRows) {
       // Consecutive threads take consecutive columns of one row: coalesced for row-major activations.
 #pragma unroll

@@ -12,7 +12,8 @@ namespace esta_cuda {
 // Element type of both activations (the host converts a mixed pair to a common type first).
 enum class LstsqDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// With u = h_in - shift_in, v = h_out - shift_out, ua = [u, 1] and c = [u | 1 | v] (width D = d_in + 1 + d_out):
+// With u = h_in - shift_in[b], v = h_out - shift_out[b] for the rows of block b (rows [1024 b, 1024 (b + 1))),
+// ua = [u, 1] and c = [u | 1 | v] (width D = d_in + 1 + d_out):
 //   partials[s, i, j] = sum over the rows m of split s of ua[m, i] * c[m, j]
 // so that the sum over s holds gram = ua.T @ ua in its first d_in + 1 columns and cross = ua.T @ v in the
 // rest. Only tiles on or above the gram diagonal are written: entries of the gram part below the diagonal
@@ -25,8 +26,10 @@ struct LstsqArgs {
   int64_t in_stride_m = 0, in_stride_k = 0;
   const void* h_out = nullptr;  // (n, d_out)
   int64_t out_stride_m = 0, out_stride_k = 0;
-  const void* shift_in = nullptr;  // (d_in,) contiguous: float32, or float64 for float64 inputs
-  const void* shift_out = nullptr;  // (d_out,) likewise
+  const void* shift_in = nullptr;  // (blocks, d_in) contiguous, row b at b * shift_in_stride_b (0: one
+                                   // shift for every row): float32, or float64 for float64 inputs
+  const void* shift_out = nullptr;  // (blocks, d_out) likewise
+  int64_t shift_in_stride_b = 0, shift_out_stride_b = 0;
   double* partials = nullptr;  // (splits, d_in + 1, D) contiguous
   int64_t rows_per_split = 0;  // a multiple of 1024
   int64_t splits = 0;

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 import esta_kernels
-from esta_kernels._validate import remember_ids_range
 from esta_kernels.backends import BACKENDS
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -214,7 +214,6 @@ class StitchedLinear(nn.Linear):
             return
         stitch_id = self._check_stitch_id(value, "stitch_ids")
         self._stitch_id.fill_(stitch_id)
-        self.__dict__["_id_value"] = (stitch_id, self._stitch_id._version)
         self._row_stitch_ids = None
 
     def _check_stitch_id(self, value, what: str) -> int:
@@ -258,18 +257,25 @@ class StitchedLinear(nn.Linear):
         )
 
     def _id_snapshot(self) -> Tensor:
-        """A copy of the id buffer, made once per stitch switch rather than once per call, with its range
-        (checked by the setter) recorded, so the GPU backends need no device read to validate it."""
-        snap = self.__dict__.get("_id_snap")
+        """A copy of the id buffer, made once per change of the buffer rather than once per call (the op
+        saves its ids for backward, and the setter writes the buffer in place).
+
+        The copy is valid while the buffer is the very tensor it was made from (a weak reference: `.to()`
+        and `_apply` make new buffers) and that tensor's version counter is unchanged (the setter's
+        `fill_`, a DDP buffer broadcast or any other in-place write bumps it). Copies of the module
+        (deepcopy, pickle, torch.save) start without it (`__getstate__`): a fresh buffer restarts its
+        version counter, so a copied (snapshot, version) pair could match a different id."""
         buf = self._stitch_id
-        if snap is None or snap[1] != buf._version or snap[0].device != buf.device:
-            copy = buf.clone()
-            value = self.__dict__.get("_id_value")
-            if value is not None and value[1] == buf._version:  # the setter wrote the buffer last
-                remember_ids_range(copy, value[0], value[0])
-            snap = (copy, buf._version)
+        snap = self.__dict__.get("_id_snap")
+        if snap is None or snap[1]() is not buf or snap[2] != buf._version:
+            snap = (buf.clone(), weakref.ref(buf), buf._version)
             self.__dict__["_id_snap"] = snap
         return snap[0]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_id_snap", None)  # see _id_snapshot; a weak reference cannot be pickled anyway
+        return state
 
     # -------------------------------------------------------------------------------------- deploying
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """Triton kernel of the least-squares accumulation (the `triton` backend of esta::lstsq_accumulate).
 
-With u = h_in - shift_in, v = h_out - shift_out and ua = [u, 1]:
+With u = h_in - shift_in[b], v = h_out - shift_out[b] for the rows of block b (row m is in block
+m // SHIFT_BLOCK_ROWS; 1-D shifts apply to every row) and ua = [u, 1]:
     gram  = ua.T @ ua   (d_in + 1, d_in + 1) float64, symmetric
     cross = ua.T @ v    (d_in + 1, d_out)    float64
 
@@ -29,13 +30,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from esta_kernels._lstsq_ops import SHIFT_BLOCK_ROWS
 from esta_kernels.triton._common import autotune_enabled, device_info, interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SHIFT_DTYPES = (torch.float32, torch.float64)
-# Rows per float32 block sum (the contract's precision unit); the interpreter uses shorter blocks so that
-# small tests cross block and split boundaries.
-ROW_BLOCK = 1024
+# Rows per float32 block sum (the contract's precision unit, = SHIFT_BLOCK_ROWS); the interpreter uses
+# shorter blocks (dividing it) so that small tests cross block and split boundaries.
+ROW_BLOCK = SHIFT_BLOCK_ROWS
 _INTERPRETER_ROW_BLOCK = 256
 
 
@@ -72,12 +74,15 @@ def _lstsq_accumulate_kernel(
     N, D_IN, D_OUT, ROWS_PER_SPLIT, N_BUCKET,
     stride_im, stride_ik,
     stride_om, stride_ok,
+    stride_sib, stride_sob,
     stride_ps, stride_pi, stride_pj,
-    IN_F64: tl.constexpr, OUT_F64: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    IN_F64: tl.constexpr, OUT_F64: tl.constexpr, ROW_BLOCK: tl.constexpr, SHIFT_ROWS: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """part[split, i, j] = sum over the split's rows of ua[m, i] * c[m, j], c = [u | 1 | v], for the tile
-    (i, j) of program axes 0 (J tiles fastest) and the split of axis 1. N_BUCKET only keys the autotuner."""
+    (i, j) of program axes 0 (J tiles fastest) and the split of axis 1. Rows of shift block m // SHIFT_ROWS
+    subtract that row of the shifts (stride_sib / stride_sob: 0 for one shift); ROW_BLOCK divides SHIFT_ROWS,
+    so a float32 block never straddles two shifts. N_BUCKET only keys the autotuner."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_j = tl.cdiv(D_IN + 1 + D_OUT, BLOCK_J)
@@ -106,19 +111,22 @@ def _lstsq_accumulate_kernel(
     acc64 = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64)
     for b0 in range(m_start, m_end, ROW_BLOCK):
         b_end = tl.minimum(m_end, b0 + ROW_BLOCK)
+        # (blocks * stride is below rows * features: no int32 overflow)
+        s_in_ptr = shift_in_ptr + (b0 // SHIFT_ROWS) * stride_sib
+        s_out_ptr = shift_out_ptr + (b0 // SHIFT_ROWS) * stride_sob
         acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
         for m0 in range(b0, b_end, BLOCK_M):
             rows = m0 + offs_m
             row_mask = rows < b_end
             rows64 = rows.to(tl.int64)
             # ua transposed, (BLOCK_I, BLOCK_M): the left operand
-            a = _centred_tile(in_ptr, shift_in_ptr, rows64, row_mask, offs_i, i_is_u, stride_im, stride_ik,
+            a = _centred_tile(in_ptr, s_in_ptr, rows64, row_mask, offs_i, i_is_u, stride_im, stride_ik,
                               False, IN_F64)
             a = tl.where(i_is_one[:, None] & row_mask[None, :], 1.0, a)
             # c, (BLOCK_M, BLOCK_J): a tile may straddle u, the ones column and v; masked loads skip the rest
-            bu = _centred_tile(in_ptr, shift_in_ptr, rows64, row_mask, offs_j, j_is_u, stride_im, stride_ik,
+            bu = _centred_tile(in_ptr, s_in_ptr, rows64, row_mask, offs_j, j_is_u, stride_im, stride_ik,
                                True, IN_F64)
-            bv = _centred_tile(out_ptr, shift_out_ptr, rows64, row_mask, j_v, j_is_v, stride_om, stride_ok,
+            bv = _centred_tile(out_ptr, s_out_ptr, rows64, row_mask, j_v, j_is_v, stride_om, stride_ok,
                                True, OUT_F64)
             b = tl.where(j_is_one[None, :] & row_mask[:, None], 1.0, bu + bv)
             acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -194,12 +202,14 @@ def plan_accumulate(h_in: Tensor, h_out: Tensor, shift_in: Tensor, shift_out: Te
     rows_per_split, splits = row_splits(n, d_in, d_out, interpreter, num_sms)
     part = torch.empty((splits, d_in + 1, d_in + 1 + d_out), dtype=torch.float64, device=h_in.device)
     meta = dict(IN_F64=h_in.dtype == torch.float64, OUT_F64=h_out.dtype == torch.float64,
-                ROW_BLOCK=_INTERPRETER_ROW_BLOCK if interpreter else ROW_BLOCK)
+                ROW_BLOCK=_INTERPRETER_ROW_BLOCK if interpreter else ROW_BLOCK, SHIFT_ROWS=SHIFT_BLOCK_ROWS)
     args = dict(
         in_ptr=h_in, out_ptr=h_out, shift_in_ptr=shift_in, shift_out_ptr=shift_out, part_ptr=part,
         N=n, D_IN=d_in, D_OUT=d_out, ROWS_PER_SPLIT=rows_per_split, N_BUCKET=triton.next_power_of_2(n),
         stride_im=h_in.stride(0), stride_ik=h_in.stride(1),
         stride_om=h_out.stride(0), stride_ok=h_out.stride(1),
+        stride_sib=shift_in.stride(0) if shift_in.dim() == 2 else 0,
+        stride_sob=shift_out.stride(0) if shift_out.dim() == 2 else 0,
         stride_ps=part.stride(0), stride_pi=part.stride(1), stride_pj=part.stride(2),
     )
 
@@ -235,9 +245,11 @@ def _check(h_in: Tensor, h_out: Tensor, shift_in: Tensor, shift_out: Tensor) -> 
     if h_in.shape[0] != h_out.shape[0]:
         raise ValueError(f"{name}: h_in and h_out must have the same number of rows, got {h_in.shape[0]} "
                          f"and {h_out.shape[0]}")
+    blocks = triton.cdiv(h_in.shape[0], SHIFT_BLOCK_ROWS)
     for arg, t, h in (("shift_in", shift_in, h_in), ("shift_out", shift_out, h_out)):
-        if t.dim() != 1 or t.shape[0] != h.shape[1]:
-            raise ValueError(f"{name}: {arg} must have shape ({h.shape[1]},), got {tuple(t.shape)}")
+        if t.shape != (h.shape[1],) and t.shape != (blocks, h.shape[1]):
+            raise ValueError(f"{name}: {arg} must have shape ({h.shape[1]},) or ({blocks}, {h.shape[1]}) (one row "
+                             f"per block of {SHIFT_BLOCK_ROWS} rows), got {tuple(t.shape)}")
         if t.dtype not in _SHIFT_DTYPES:
             raise TypeError(f"{name}: {arg} must be float32 (or float64), got {t.dtype}")
     dev = h_in.device
