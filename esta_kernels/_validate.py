@@ -149,12 +149,13 @@ def check_stitched_linear_args(x, weight, bias, lora_a, lora_b, stitch_bias, sti
 # Ids outside [-1, S) are an error. How it is reported depends on where the ids live:
 #   - on the host (an int, a CPU tensor): checked eagerly here, IndexError before anything is written;
 #   - on a GPU: reading them would be a device-to-host sync per call. The kernels treat such an id as "no
-#     stitch bias" (never an out-of-bounds read) and set a one-element int32 flag; report_bad_ids() then
-#     queues torch._assert_async on it, which fails the stream later, like torch's own device-side index
-#     checks, without a sync, and is capturable in a CUDA graph (the custom ops are opaque to
-#     torch.compile, so it runs the same there). A kernel that cannot write a flag uses
-#     assert_ids_in_range_async() (two tiny reductions, no sync) instead.
-# The CUDA backend shares these helpers: new_bad_id_flag() before its launches, its kernels write 1 for
+#     stitch bias" (never an out-of-bounds read) and clear a one-element int32 flag (1 = all ids good);
+#     report_bad_ids() then queues torch._assert_async on it, which fails the stream later, like torch's
+#     own device-side index checks, without a sync, and is capturable in a CUDA graph (the custom ops are
+#     opaque to torch.compile, so it runs the same there). Two small launches per call: the fill and the
+#     assert. A kernel that cannot write a flag uses assert_ids_in_range_async() (an on-device range test,
+#     no sync) instead.
+# The CUDA backend shares these helpers: new_bad_id_flag() before its launches, its kernels write 0 for
 # a bad id, report_bad_ids() after.
 BAD_ID_MESSAGE = "stitched_linear: a stitch id is outside [-1, {S}) (S = {S} stitch-bias rows)"
 
@@ -180,13 +181,14 @@ def check_ids_range(ids: torch.Tensor, num_stitches: int) -> None:
 
 
 def new_bad_id_flag(device: torch.device) -> torch.Tensor:
-    """A zeroed one-element int32 flag that kernels set to 1 when they meet an id outside [-1, S)."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
+    """A one-element int32 flag holding 1 ("every id good"); kernels write 0 when they meet an id outside
+    [-1, S)."""
+    return torch.ones(1, dtype=torch.int32, device=device)
 
 
 def report_bad_ids(flag: torch.Tensor, num_stitches: int) -> None:
-    """Fails (asynchronously on a GPU, at once on the CPU) when a kernel set the flag; never syncs."""
-    torch._assert_async(flag[0] == 0, BAD_ID_MESSAGE.format(S=num_stitches))
+    """Fails (asynchronously on a GPU, at once on the CPU) when a kernel cleared the flag; never syncs."""
+    torch._assert_async(flag, BAD_ID_MESSAGE.format(S=num_stitches))
 
 
 def assert_ids_in_range_async(ids: torch.Tensor, num_stitches: int) -> None:

@@ -153,8 +153,8 @@ def test_id_checks_have_no_memo_and_gpu_ids_are_never_read_by_the_host(monkeypat
     assert _validate.ids_checked_on_host(ids)
     assert not _validate.ids_checked_on_host(torch.empty(3, dtype=torch.int64, device="meta"))
     flag = _validate.new_bad_id_flag(torch.device("cpu"))
-    _validate.report_bad_ids(flag, 4)  # a clear flag reports nothing
-    flag.fill_(1)
+    _validate.report_bad_ids(flag, 4)  # a flag left at 1 (every id good) reports nothing
+    flag.fill_(0)
     with pytest.raises(RuntimeError, match=r"stitch id is outside \[-1, 4\)"):
         _validate.report_bad_ids(flag, 4)
     _validate.assert_ids_in_range_async(torch.tensor([-1, 0, 3]), 4)

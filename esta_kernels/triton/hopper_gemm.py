@@ -21,8 +21,8 @@ Design, in the order the kernel runs:
     the K loop needs no masks; TMA stores clip at the edges;
   - the LoRA up-projection is one more MMA into the same accumulator after the main loop, in the operands'
     16-bit dtype (the float32 intermediate times its scale, rounded once): no TF32 anywhere on this path;
-  - the epilogue adds the bias and gathers one stitch-bias row per output row (L2-resident), and flags any
-    id outside [-1, S) in flag_ptr (it adds nothing for it and never reads out of bounds);
+  - the epilogue adds the bias and gathers one stitch-bias row per output row (L2-resident), and clears
+    flag_ptr for any id outside [-1, S) (it adds nothing for it and never reads out of bounds);
   - WARP_SPECIALIZE (an autotune knob) asks triton for producer/consumer warp groups on the tile loop.
 Accumulation is float32 throughout. Dot dimensions are >= 16 (BLOCK_R and every block are padded).
 """
@@ -154,7 +154,7 @@ def _persistent_gemm_kernel(
             valid = (ids >= 0) & (ids < S)
             bad = m_mask & ((ids < -1) | (ids >= S))
             # one store per bad row, all of the same value: no atomics needed
-            tl.store(flag_ptr + offs_m * 0, tl.full((BLOCK_M,), 1, tl.int32), mask=bad & (pid_n == 0))
+            tl.store(flag_ptr + offs_m * 0, tl.zeros((BLOCK_M,), tl.int32), mask=bad & (pid_n == 0))
             safe = tl.where(valid, ids, 0)
             sb = tl.load(sb_ptr + safe[:, None] * stride_sbs + cols[None, :] * stride_sbn,
                          mask=valid[:, None] & n_mask[None, :], other=0.0)

@@ -28,7 +28,7 @@ path at any rank. Float32 activations use IEEE float32 dots, or TF32 where torch
 matmuls. On NVIDIA GPUs each tl.dot dimension must be >= 16, so the rank and the stitch count are padded
 to powers of two >= 16 and masked (the interpreter would accept less).
 
-Stitch ids outside [-1, S) add nothing and are never dereferenced; the kernels also set a one-element
+Stitch ids outside [-1, S) add nothing and are never dereferenced; the kernels also clear a one-element
 flag for them, which esta_kernels._validate.report_bad_ids turns into an asynchronous assert (no
 device-to-host sync per call); ids in host memory are checked on the host first (IndexError).
 
@@ -136,11 +136,11 @@ def _stitched_gemm_kernel(
 
     if HAS_STITCH:
         # stride_ids is 0 when one id serves every row. Ids outside [0, S) add nothing and are never
-        # dereferenced; those outside [-1, S) also set the flag (the first column block reports them).
+        # dereferenced; those outside [-1, S) also clear the flag (the first column block reports them).
         ids = tl.load(ids_ptr + rows * stride_ids)
         valid = (ids >= 0) & (ids < S)
         bad = (offs_m < M) & ((ids < -1) | (ids >= S)) & (pid_n == 0)
-        tl.store(flag_ptr + offs_m * 0, tl.full((BLOCK_M,), 1, tl.int32), mask=bad)
+        tl.store(flag_ptr + offs_m * 0, tl.zeros((BLOCK_M,), tl.int32), mask=bad)
         safe_ids = tl.where(valid, ids, 0)
         sb_ptrs = sb_ptr + safe_ids[:, None] * stride_sbs + cols[None, :] * stride_sbn
         sb = tl.load(sb_ptrs, mask=valid[:, None], other=0.0)
@@ -208,7 +208,7 @@ def _row_reduce_kernel(
         if HAS_STITCH:
             ids = tl.load(ids_ptr + rows64 * stride_ids, mask=m_mask & (job * BLOCK_S < S), other=-1)
             bad = m_mask & ((ids < -1) | (ids >= S)) & (pid_p == 0) & (job == 0)
-            tl.store(flag_ptr + rows * 0, tl.full((BLOCK_M,), 1, tl.int32), mask=bad)
+            tl.store(flag_ptr + rows * 0, tl.zeros((BLOCK_M,), tl.int32), mask=bad)
             # An id matches at most its own column; ids outside [0, S) match no stored column.
             onehot = ids[:, None] == offs_s[None, :]
             if STITCH_FP32:
