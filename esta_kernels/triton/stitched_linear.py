@@ -262,7 +262,7 @@ _GEMM_CONFIGS = {
         (64, 64, 32, 8, 4, 4),
     ],
 }
-# A float32 stitch bias with 16-bit activations gathers a float32 (BLOCK_M, BLOCK_N) tile in the
+# With 16-bit activations the pointer kernel's stitch-bias gather loads a (BLOCK_M, BLOCK_N) tile in the
 # epilogue beside the accumulator: those launches keep to at most 64 accumulator registers per thread
 # (bigger tiles spill).
 _HEAVY_EPILOGUE_ACC_REGS = 64
@@ -461,7 +461,8 @@ def plan_gemm(a: Tensor, w: Tensor, out: Tensor, *, bias: Optional[Tensor] = Non
         return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
 
     tune = "16bit" if lowp else "fp32"
-    if not thin and has_stitch and stitch_bias.dtype == torch.float32 and lowp:
+    if not thin and has_stitch and lowp:
+        # the gathered stitch-bias tile sits beside the accumulator: 128 x 256 tiles spill (sm_90)
         tune += "+heavy"
     return Launch("thin" if thin else "gemm", args, meta, grid, tune)
 
