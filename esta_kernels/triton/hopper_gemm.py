@@ -179,17 +179,18 @@ HEAVY_EPILOGUE_ACC_REGS = 64
 # BLOCK_K, num_warps, num_stages; the wide list is for a padded rank above 64.
 THIN_CONFIGS = {
     "narrow": [(128, 64, 4, 4), (64, 128, 4, 4)],
-    "wide": [(64, 64, 4, 3), (128, 64, 8, 3)],
+    "wide": [(64, 64, 4, 3), (64, 32, 4, 4)],  # a float32 64 x 256 output tile is staged in 64 KB
 }
 
 
 def main_configs(heavy: bool = False, fused: bool = False):
     """The Hopper main kernel's configs; `heavy`: a float32 stitch-bias tile in the epilogue; `fused`: the
     fused-xa variant, whose pointer loads in the main loop rule warp specialization out (triton cannot
-    partition them)."""
+    partition them) and whose extra A tiles and accumulator overflow shared memory and registers with
+    128 x 256 tiles."""
     rows = MAIN_CONFIGS
-    if fused:
-        rows = [c for c in rows if not c[6]]
+    if fused:  # and one stage fewer for 128-row tiles: the A tiles (float32 masters) take the room
+        rows = [c[:5] + (min(c[5], 3) if c[0] == 128 else c[5],) + c[6:] for c in rows if not c[6] and c[1] <= 128]
     if heavy:
         rows = [c for c in rows if c[0] * c[1] <= HEAVY_EPILOGUE_ACC_REGS * 32 * c[4]]
     return [

@@ -483,10 +483,10 @@ def plan_tma_gemm(a: Tensor, b: Tensor, out: Tensor, *, b_kmajor: bool, bias: Op
     R = la.shape[0] if fused else (0 if lo is None else lo.shape[1])
     S = 0 if stitch_bias is None else stitch_bias.shape[0]
     has_stitch = stitch_bias is not None and ids is not None
-    if fused:
-        block_r = _pad16(R)
-    else:
-        block_r = min(_pad16(R), _INTERPRETER_MAX_BLOCK_R if interpreter else 64)
+    # the unfused LoRA tail loops over the rank 16 at a time: its two tiles are staged in shared memory
+    # beside the main loop's stages and the output tile (at r = 256, 64-wide chunks overflowed sm_90's
+    # 227 KB with 128 x 256 tiles)
+    block_r = _pad16(R) if fused else 16
     sms = _INTERPRETER_NUM_SMS if interpreter else num_sms
     meta = dict(B_KMAJOR=b_kmajor, HAS_BIAS=bias is not None, HAS_LORA=R > 0 and up is not None, FUSE_LO=fused,
                 HAS_STITCH=has_stitch, BLOCK_R=block_r, NUM_SMS=sms)
