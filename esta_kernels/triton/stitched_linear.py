@@ -280,6 +280,7 @@ _THIN_CONFIGS = {
 _REDUCE_CONFIGS = {
     "mma": [(64, 4, 3), (128, 8, 3)],
     "wide": [(64, 8, 2), (32, 8, 3)],
+    ("wide", "ampere"): [(32, 8, 3)],  # 64-row blocks spill on sm_80 (mma.sync holds more in registers)
     "fma": [(16, 4, 3), (32, 8, 3)],
 }
 _REDUCE_MAX_BLOCK_M = 128  # splits of M are multiples of every BLOCK_M above
@@ -322,7 +323,8 @@ def autotune_configs(role: str, family: str, tune: str) -> List[triton.Config]:
             for bm, bk, w, s in _THIN_CONFIGS[tune]
         ]
     if role == "reduce":
-        return [triton.Config(dict(BLOCK_M=bm), num_warps=w, num_stages=s) for bm, w, s in _REDUCE_CONFIGS[tune]]
+        rows = _REDUCE_CONFIGS.get((tune, family), _REDUCE_CONFIGS[tune])
+        return [triton.Config(dict(BLOCK_M=bm), num_warps=w, num_stages=s) for bm, w, s in rows]
     raise ValueError(f"unknown launch role {role!r}")
 
 
