@@ -8,6 +8,7 @@ An `Anchor` is an `nn.Module` that wraps a model and exposes
                                      embeddings, ...); {} for ViTs. Decoder stacks override it.
     head(tokens, **extra)            tokens -> outputs
     width, depth                     token width and number of blocks
+    device, dtype                    where the anchor's parameters live and their floating dtype
     family, embed_type               anchors are stitchable only when both strings agree: the family says
                                      the blocks speak the same language, the embed type that the token
                                      layouts (count, prefix tokens) line up position by position
@@ -27,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Iterator, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["Anchor", "TimmViTAnchor", "SequentialBlocksAnchor", "unique_numel"]
@@ -59,6 +61,17 @@ class Anchor(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """The device of the anchor's first parameter (None without parameters)."""
+        p = next(self.parameters(), None)
+        return None if p is None else p.device
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the anchor's first floating parameter (None without one)."""
+        return next((p.dtype for p in self.parameters() if p.dtype.is_floating_point), None)
 
     def embed(self, x: Tensor) -> Tensor:
         raise NotImplementedError

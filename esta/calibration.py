@@ -34,7 +34,6 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from esta.model import _device_of, _float_dtype_of
 from esta_kernels.lstsq import StreamingLstsq
 
 __all__ = ["init_stitching_layers", "LayerInitReport", "calibration_batches"]
@@ -231,8 +230,8 @@ def _run_with_hooks(anchor, a: int, x: Tensor, index: int, needed: set, feeds: d
         for j in feeds:
             handles.append(anchor.blocks[j].register_forward_hook(feed(j)))
     try:
-        inputs = x.to(device=_device_of(anchor))
-        dtype = _float_dtype_of(anchor)
+        inputs = x.to(device=anchor.device)
+        dtype = anchor.dtype
         if inputs.dtype.is_floating_point and dtype is not None:
             inputs = inputs.to(dtype)
         anchor(inputs)

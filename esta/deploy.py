@@ -13,7 +13,7 @@ many deployed members are the most accurate evaluated member of their own interv
 
 How much of that the test set can tell. A frontier measured on a few hundred images is partly noise: two
 stitches of one interval often differ by less than one standard error of an accuracy. Given the per-example
-results (`esta.train.evaluate(..., per_example=True)`), `build_report` adds a paired test per deployed
+results (`esta.evaluate.evaluate(..., per_example=True)`), `build_report` adds a paired test per deployed
 member d: for every member j that dominates d on the measured data, the exact one-sided McNemar test on the
 images where exactly one of the two is right (b: j right and d wrong, c: the reverse; p = P(X >= b) for
 X ~ Binomial(b + c, 1/2)), and keeps the smallest p and its j (`dominance_p`, `dominated_by`). d is
@@ -96,7 +96,7 @@ def build_report(model, sampler, flops: Sequence[float], accuracy: Optional[Dict
                  *, correct: Optional[Dict[int, object]] = None, alpha: float = 0.05,
                  extra: Optional[dict] = None) -> dict:
     """The deployment report (a JSON-ready dict). `correct` (per-example results of the evaluated members,
-    from `esta.train.evaluate(..., per_example=True)`) adds the paired significance test of the module
+    from `esta.evaluate.evaluate(..., per_example=True)`) adds the paired significance test of the module
     docstring at level `alpha`."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"build_report: alpha must be in (0, 1), got {alpha}")

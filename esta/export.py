@@ -29,6 +29,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import secrets
+import shutil
 from typing import Dict, Optional
 
 import torch
@@ -56,7 +58,7 @@ def _merge_linears(module: nn.Module, row: int) -> nn.Module:
 
 def _copy_block(model, a: int, b: int, i: int) -> nn.Module:
     block = copy.deepcopy(model.anchors[a].blocks[b])
-    row = -1 if model.pst is None else model.pst["tables"][a][b][i]
+    row = -1 if model.pst is None else model.pst.row(i, a, b)
     return _merge_linears(block, row)
 
 
@@ -183,21 +185,42 @@ def _check_config(config, where: str) -> None:
 
 
 def save(module: nn.Module, directory: str, *, check: bool = True) -> None:
-    """Writes `module` (from `export`) to directory/model.safetensors and directory/config.json."""
+    """Writes `module` (from `export`) to directory/model.safetensors and directory/config.json.
+
+    The files are written into a temporary sibling directory, checked (timm exports are rebuilt and must
+    reproduce the module's output), and only then moved to `directory`, replacing an earlier export there:
+    a failure leaves no half-written export behind."""
     from safetensors.torch import save_file
 
     config = getattr(module, _CONFIG_ATTR, None)
     if config is None:
         raise ValueError("esta.export.save: the module was not made by StitchableModel.export (no export config)")
     _check_config(config, "esta.export.save")
+    directory = os.path.normpath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"esta.export.save: {directory} exists and is not a directory")
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    os.makedirs(directory, exist_ok=True)
-    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": FORMAT})
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if check and config["kind"] == "timm.vit":
-        rebuilt = load(directory, map_location="cpu")
-        _check_same_output(module, rebuilt)
+    parent = os.path.dirname(directory) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{directory}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.makedirs(tmp)
+    try:
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if check and config["kind"] == "timm.vit":
+            rebuilt = load(tmp, map_location="cpu")
+            _check_same_output(module, rebuilt)
+        old = None
+        if os.path.isdir(directory):
+            old = f"{directory}.{os.getpid()}.{secrets.token_hex(4)}.old"
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()

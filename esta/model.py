@@ -3,7 +3,7 @@
 Palette and ids. Anchors are sorted by parameter count (ties keep the given order); global ids
 0..Z-1 are the anchors in that order, then come the stitches of pair (0, 1), then pair (1, 2), ...
 (with nearest=False: every pair (a, b), a < b, in lexicographic order), each pair's stitches in
-`esta.stitching.stitch_positions` order. The smaller anchor of a pair is the front (its early blocks
+`esta.positions.stitch_positions` order. The smaller anchor of a pair is the front (its early blocks
 run first), the larger the end, as SN-Net prescribes.
 
 Each pair owns one `StitchingLayer` per window layer index (front width -> end width, LoRA rank
@@ -30,9 +30,12 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from esta.anchors import Anchor, unique_numel
+from esta.calibration import init_stitching_layers
+from esta.export import export_stitch
+from esta.pst import PSTState, format_trainable_report, to_pst, trainable_report
 from esta.nn.stitched_linear import StitchedLinear
 from esta.nn.stitching import StitchingLayer
-from esta.stitching import stitch_positions
+from esta.positions import stitch_positions
 
 __all__ = ["StitchableModel", "StitchInfo"]
 
@@ -114,7 +117,7 @@ class StitchableModel(nn.Module):
                 counts[pos.layer] = counts.get(pos.layer, 0) + 1
             self.stitching_layers.append(nn.ModuleList(
                 StitchingLayer.identity(front.width, end.width, num_stitches=counts[l], backend="auto",
-                                        device=_device_of(end), dtype=_float_dtype_of(end))
+                                        device=end.device, dtype=end.dtype)
                 for l in range(len(counts))))
             local = {l: 0 for l in counts}
             for pos in positions:
@@ -126,8 +129,7 @@ class StitchableModel(nn.Module):
         self.stitches: List[StitchInfo] = infos
         self._stitch = n - 1
         self._flops_cache: Dict[Tuple, dict] = {}
-        self.pst: Optional[dict] = None  # set by to_pst(): ranks, stitch_bias, per-block id tables
-        self._pst_layers: List = []
+        self.pst: Optional[PSTState] = None  # set by to_pst(): ranks, stitch_bias, per-block row tables
         self._applied: Optional[int] = None
 
     # ---- selection ----
@@ -185,24 +187,19 @@ class StitchableModel(nn.Module):
         """Points every PST linear at member i's stitch-bias row (once per switch of member)."""
         if self.pst is None or self._applied == i:
             return
-        for a, blocks in enumerate(self._pst_layers):
+        for a, blocks in enumerate(self.pst.layers):
             for b, linears in enumerate(blocks):
-                row = self.pst["tables"][a][b][i]
+                row = self.pst.row(i, a, b)
                 for linear in linears:
                     if linear.num_stitches > 0:
                         linear.stitch_ids = row
         self._applied = i
 
-    def _set_pst(self, tables, layers, ranks, stitch_bias) -> None:
-        self.pst = {"tables": tables, "ranks": list(ranks), "stitch_bias": stitch_bias}
-        self._pst_layers = layers
-        self._applied = None
-
     def local_stitch_row(self, i: int, anchor: int, block: int) -> int:
         """The stitch-bias row member i uses in block `block` of anchor `anchor` after to_pst (-1: none)."""
         if self.pst is None:
             raise RuntimeError("StitchableModel.local_stitch_row: the model is not converted to PST (call to_pst)")
-        return self.pst["tables"][anchor][block][self._check_id(i)]
+        return self.pst.row(self._check_id(i), anchor, block)
 
     def member_parameters(self, i: int) -> List:
         """The trainable parameters member i's forward uses, for its SNIP score (`esta.sampling.snip_score`).
@@ -234,7 +231,7 @@ class StitchableModel(nn.Module):
             else:
                 a, b = step
                 module = self.anchors[a].blocks[b]
-                row = -1 if self.pst is None else self.pst["tables"][a][b][info.id]
+                row = -1 if self.pst is None else self.pst.row(info.id, a, b)
                 row_of = lambda sub, row=row: row  # noqa: E731
             tables = set()
             for sub in module.modules():
@@ -255,28 +252,28 @@ class StitchableModel(nn.Module):
     def init_stitching_layers(self, data, *, num_images: Optional[int] = 100, batch_size: int = 32,
                               ridge: Optional[float] = None, mode: str = "joint", backend: str = "auto"):
         """Least-squares init of every stitching layer in one pass (see `esta.calibration`)."""
-        from esta.calibration import init_stitching_layers
         return init_stitching_layers(self, data, num_images=num_images, batch_size=batch_size, ridge=ridge,
                                      mode=mode, backend=backend)
 
     def to_pst(self, ranks=None, *, stitch_bias: bool = True, lora_alpha: Optional[float] = None,
                backend: str = "auto") -> "StitchableModel":
-        """Converts the model to PST in place (see `esta.pst`); returns it."""
-        from esta.pst import to_pst
-        return to_pst(self, ranks, stitch_bias=stitch_bias, lora_alpha=lora_alpha, backend=backend)
+        """Converts the model to PST in place (see `esta.pst`) and keeps its PSTState in `self.pst`;
+        returns the model."""
+        if self.pst is not None:
+            raise RuntimeError("to_pst: the model is already converted")
+        self.pst = to_pst(self, ranks, stitch_bias=stitch_bias, lora_alpha=lora_alpha, backend=backend)
+        self._applied = None
+        return self
 
     def trainable_report(self) -> Dict[str, int]:
         """Trainable parameters by group (see `esta.pst.trainable_report`)."""
-        from esta.pst import trainable_report
         return trainable_report(self)
 
     def format_trainable_report(self) -> str:
-        from esta.pst import format_trainable_report
         return format_trainable_report(self)
 
     def export(self, i: int) -> nn.Module:
         """A standalone module for member i with LoRA and stitch biases merged (see `esta.export`)."""
-        from esta.export import export_stitch
         return export_stitch(self, self._check_id(i))
 
     # ---- sizes ----
@@ -329,18 +326,6 @@ class StitchableModel(nn.Module):
         return self._flops_cache[key]
 
 
-def _device_of(module: nn.Module):
-    p = next(module.parameters(), None)
-    return None if p is None else p.device
-
-
-def _float_dtype_of(module: nn.Module):
-    for p in module.parameters():
-        if p.dtype.is_floating_point:
-            return p.dtype
-    return None
-
-
 def _macs(fn):
     # FlopCounterMode counts a multiply-add as 2 FLOPs; we count it once
     with FlopCounterMode(display=False) as counter:
@@ -351,8 +336,8 @@ def _macs(fn):
 @torch.no_grad()
 def _measure(anchor: Anchor, shape: tuple, dtype) -> dict:
     """Per-part multiply-adds of one anchor, measured on a zero input of `shape`."""
-    dtype = dtype or _float_dtype_of(anchor) or torch.float32
-    x = torch.zeros(shape, dtype=dtype, device=_device_of(anchor))
+    dtype = dtype or anchor.dtype or torch.float32
+    x = torch.zeros(shape, dtype=dtype, device=anchor.device)
     tokens, embed = _macs(lambda: anchor.embed(x))
     kwargs = anchor.block_kwargs(x, tokens)
     blocks, rows = [], []

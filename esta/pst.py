@@ -1,6 +1,6 @@
 """PST (parameter-efficient stitch fine-tuning, paper section 4.1): which parameters a stitchable model trains.
 
-    model.to_pst()                 # in place; returns the model
+    model.to_pst()                 # in place; returns the model, which keeps the PSTState in model.pst
     print(model.format_trainable_report())
 
 What the conversion does:
@@ -23,6 +23,7 @@ biases (anchor linears and stitching layers then have none).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 from torch import nn
@@ -30,7 +31,27 @@ from torch import nn
 from esta.nn.stitched_linear import StitchedLinear
 from esta.nn.stitching import StitchingLayer
 
-__all__ = ["to_pst", "default_ranks", "trainable_report", "format_trainable_report", "GROUPS"]
+__all__ = ["PSTState", "to_pst", "default_ranks", "trainable_report", "format_trainable_report", "GROUPS"]
+
+
+@dataclass
+class PSTState:
+    """What a PST conversion decided, held by the model as `model.pst`.
+
+    ranks:       the attention LoRA rank of each anchor (model order).
+    stitch_bias: whether the adapted linears and stitching layers have stitch-specific bias rows.
+    tables:      tables[a][b][i] = the stitch-bias row member i uses in block b of anchor a (-1: none).
+    layers:      layers[a][b] = the StitchedLinears of block b of anchor a, which share that table.
+    """
+
+    ranks: List[int]
+    stitch_bias: bool
+    tables: List[List[List[int]]]
+    layers: List[List[List[StitchedLinear]]]
+
+    def row(self, member: int, anchor: int, block: int) -> int:
+        """The stitch-bias row of `member` in block `block` of anchor `anchor` (-1: none)."""
+        return self.tables[anchor][block][member]
 
 GROUPS = ("attention LoRA", "attention stitch bias", "stitching-layer LoRA", "stitching-layer stitch bias",
           "heads", "other")
@@ -78,8 +99,9 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def to_pst(model, ranks: Union[None, int, Sequence[int]] = None, *, stitch_bias: bool = True,
-           lora_alpha: Optional[float] = None, backend: str = "auto"):
-    """Converts `model` (an `esta.StitchableModel`) to PST in place; see the module docstring."""
+           lora_alpha: Optional[float] = None, backend: str = "auto") -> PSTState:
+    """Converts the modules of `model` (an `esta.StitchableModel`) to PST in place and returns the
+    PSTState; `StitchableModel.to_pst` calls this and keeps the state (see the module docstring)."""
     if getattr(model, "pst", None) is not None:
         raise RuntimeError("to_pst: the model is already converted")
     if not isinstance(stitch_bias, bool):
@@ -125,13 +147,8 @@ def to_pst(model, ranks: Union[None, int, Sequence[int]] = None, *, stitch_bias:
     if not stitch_bias:
         for group in model.stitching_layers:
             for i, layer in enumerate(group):
-                replacement = StitchingLayer(layer.in_features, layer.out_features, layer.bias is not None,
-                                             num_stitches=0, rank=layer.rank, lora_alpha=layer.lora_alpha,
-                                             backend=layer.backend, device="meta", dtype=layer.weight.dtype)
-                replacement.weight = layer.weight
-                if layer.bias is not None:
-                    replacement.bias = layer.bias
-                replacement._create_adapters(layer.weight.device)
+                replacement = StitchingLayer.from_frozen(layer.weight, layer.bias, num_stitches=0, rank=layer.rank,
+                                                         lora_alpha=layer.lora_alpha, backend=layer.backend)
                 replacement.lora_a.data.copy_(layer.lora_a.data)
                 replacement.lora_b.data.copy_(layer.lora_b.data)
                 group[i] = replacement
@@ -147,8 +164,7 @@ def to_pst(model, ranks: Union[None, int, Sequence[int]] = None, *, stitch_bias:
     for anchor in anchors:
         for p in anchor.classifier_parameters():
             p.requires_grad_(True)
-    model._set_pst(tables, layers, ranks, stitch_bias)
-    return model
+    return PSTState(ranks=list(ranks), stitch_bias=stitch_bias, tables=tables, layers=layers)
 
 
 def _param_groups(model) -> Dict[int, str]:

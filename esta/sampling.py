@@ -8,6 +8,7 @@
         total, count = snip_score(params_of_stitch_i)        # from the gradients the step computed anyway
         sampler.update(i, all_reduce_score(total), count)    # EMA of the per-parameter SNIP score
         # or, relative: sampler.update(i, all_reduce_score(total), count, loss=all_reduce_score(loss.item()))
+        # (all_reduce_score: esta.distributed; the value itself without torch.distributed)
         optimizer.step(); optimizer.zero_grad()
     deployed = sampler.deploy()                  # the top-score stitch of each FLOPs interval, no evaluation
 
@@ -72,7 +73,7 @@ matters, so step 3 does not change it.
 
 Distributed training. `sample()` depends only on the seed and the sampler's state (step, scores, generator),
 so every rank draws the same stitch as long as every rank feeds `update()` the same values in the same order.
-Pass the score through `all_reduce_score` (the mean over ranks; with DDP the gradients, hence the scores,
+Pass the score through `esta.distributed.all_reduce_score` (the mean over ranks; with DDP the gradients, hence the scores,
 are already equal on all ranks, and the reduction keeps them bitwise identical; with sharded parameters sum
 both: `all_reduce_score(total, op="sum")` and `int(all_reduce_score(count, op="sum"))`). `all_reduce_scores`
 reduces several numbers (the score and the step's losses, say) in one collective.
@@ -91,90 +92,71 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["TaskSpecificSampler", "snip_score", "all_reduce_score", "all_reduce_scores"]
+__all__ = ["TaskSpecificSampler", "snip_score", "snip_sum"]
 
 _NAME = "TaskSpecificSampler"
 _STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------- SNIP
-def snip_score(params: Iterable[Any]) -> Tuple[float, int]:
-    """SNIP importance of a set of parameters: (sum of |p * p.grad|, number of elements counted).
+def snip_sum(params: Iterable[Any], grads: Optional[Sequence[Optional[torch.Tensor]]] = None
+             ) -> Tuple[Optional[torch.Tensor], int]:
+    """The SNIP sum |p * g| of a set of parameters as a float64 0-d tensor on their device (no host sync),
+    and the number of elements counted; (None, 0) when nothing has a gradient.
 
     Each item of `params` is a tensor (an `nn.Parameter`) or a pair `(tensor, index)`, which counts only
-    `tensor[index]` against `tensor.grad[index]` (e.g. a stitch's row of a stitch-bias table). Items whose
-    `.grad` is None are skipped. The sum is accumulated in float64 from detached values (no autograd graph);
-    plain tensors listed twice are counted once. Returns (0.0, 0) when nothing has a gradient.
-    """
+    `tensor[index]` (e.g. a stitch's row of a stitch-bias table). `grads` gives the gradient of each item
+    (already indexed for pairs; None to skip the item); by default it is each tensor's `.grad`, indexed
+    like the item. Items without a gradient are skipped; plain tensors listed twice count once (with
+    explicit `grads`, items are taken as given). The sum is accumulated in float64 from detached values."""
     if isinstance(params, torch.Tensor):
         raise TypeError("snip_score: params must be an iterable of parameters (e.g. [p] or module.parameters()), "
                         "got a single tensor")
-    totals: Dict[torch.device, torch.Tensor] = {}  # one float64 accumulator per device: one sync at the end
+    params = list(params)
+    if grads is not None and len(grads) != len(params):
+        raise ValueError(f"snip_score: {len(grads)} gradients for {len(params)} parameters")
+    parts: List[torch.Tensor] = []
     count = 0
     seen = set()
     with torch.no_grad():
-        for item in params:
+        for k, item in enumerate(params):
             if isinstance(item, torch.Tensor):
                 p, index = item, None
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
+                if grads is None:
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
             elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor):
                 p, index = item
             else:
                 raise TypeError(f"snip_score: each item of params must be a tensor or a (tensor, index) pair, "
                                 f"got {type(item).__name__}")
-            grad = p.grad
+            value = p.detach() if index is None else p.detach()[index]
+            if grads is None:
+                grad = p.grad
+                if grad is not None:
+                    grad = grad.to_dense() if grad.is_sparse else grad
+                    grad = grad if index is None else grad[index]
+            else:
+                grad = grads[k]
             if grad is None:
                 continue
-            if grad.is_sparse:
-                grad = grad.to_dense()
-            value = p.detach()
-            if index is not None:
-                value, grad = value[index], grad[index]
             if value.shape != grad.shape:
                 raise ValueError(f"snip_score: a parameter of shape {tuple(value.shape)} has a gradient of shape "
                                  f"{tuple(grad.shape)}")
-            prod = value.to(torch.float64) * grad.detach().to(torch.float64)
-            part = prod.abs().sum()
-            totals[part.device] = totals[part.device] + part if part.device in totals else part
+            parts.append((value.to(torch.float64) * grad.detach().to(torch.float64)).abs().sum())
             count += value.numel()
-    return float(sum(float(t) for t in totals.values())), count
+    if not parts:
+        return None, 0
+    return torch.stack([t.to(parts[0].device) for t in parts]).sum(), count
 
 
-def all_reduce_score(score: float, op: str = "mean") -> float:
-    """The mean (op="mean") or sum (op="sum") of a Python number over the ranks of the default
-    torch.distributed process group; the value itself (as a float) when torch.distributed is not
-    initialized. Every rank must call it. The reduction runs in float64 on the device the backend needs
-    (the current CUDA device for NCCL, the CPU otherwise)."""
-    return _all_reduce("all_reduce_score", [_check_real("all_reduce_score", "score", score)], op)[0]
-
-
-def all_reduce_scores(scores: Sequence[float], op: str = "mean") -> List[float]:
-    """`all_reduce_score` of several numbers in one collective (one host sync on NCCL instead of one per
-    number); a list of floats in the same order."""
-    if isinstance(scores, (str, bytes, torch.Tensor)) or not isinstance(scores, Sequence):
-        raise TypeError(f"all_reduce_scores: scores must be a sequence of real numbers, got {type(scores).__name__}")
-    values = [_check_real("all_reduce_scores", f"scores[{i}]", v) for i, v in enumerate(scores)]
-    return _all_reduce("all_reduce_scores", values, op)
-
-
-def _all_reduce(where: str, values: List[float], op: str) -> List[float]:
-    if op not in ("mean", "sum"):
-        raise ValueError(f"{where}: op must be 'mean' or 'sum', got {op!r}")
-    import torch.distributed as dist
-
-    if not values or not (dist.is_available() and dist.is_initialized()):
-        return values
-    backend = str(dist.get_backend()).lower()
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    out = t.tolist()
-    if op == "mean":
-        world = dist.get_world_size()
-        out = [v / world for v in out]
-    return out
+def snip_score(params: Iterable[Any]) -> Tuple[float, int]:
+    """SNIP importance of a set of parameters from their `.grad`: (sum of |p * p.grad|, number of elements
+    counted), as Python numbers (one host sync); see `snip_sum`. Returns (0.0, 0) when nothing has a
+    gradient."""
+    total, count = snip_sum(params)
+    return (0.0 if total is None else float(total)), count
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -22,16 +22,13 @@ import torch
 from torch import Tensor
 
 from esta_kernels import _ext
+from esta_kernels.reference import SHIFT_BLOCK_ROWS
 
 _ext.define_schemas_without_extension()
 
 # Read once at import, like _ext.has_cpu_kernels(): an extension built before this op existed lacks it.
 _HAS_CPU = _ext.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("esta::lstsq_accumulate", "CPU")
 _HAS_CUDA = _ext.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("esta::lstsq_accumulate", "CUDA")
-
-# Rows per shift block (and per float32 block sum) on every backend: StreamingLstsq centres each block of
-# this many rows by its own mean.
-SHIFT_BLOCK_ROWS = 1024
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}

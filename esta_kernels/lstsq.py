@@ -86,7 +86,7 @@ from torch import Tensor
 from esta_kernels import _lstsq_ops
 from esta_kernels._lstsq_ops import ACCUMULATE_OPS, check_accumulate_args
 from esta_kernels.backends import BACKENDS, resolve_backend
-from esta_kernels.reference import torch_lstsq_accumulate
+from esta_kernels.reference import SHIFT_BLOCK_ROWS, torch_lstsq_accumulate
 
 EPS_FLOAT32 = 2.0 ** -24
 EPS_FLOAT64 = 2.0 ** -53
@@ -218,7 +218,7 @@ def block_sums(x: Tensor) -> Tuple[Tensor, Tensor]:
     """(rows per block (blocks,) float64, float64 column sums per block (blocks, d)) of x (n, d), blocks of
     SHIFT_BLOCK_ROWS rows (the last one shorter)."""
     n, d = x.shape
-    rows = _lstsq_ops.SHIFT_BLOCK_ROWS
+    rows = SHIFT_BLOCK_ROWS
     full = n // rows
     parts = []
     if full:

@@ -10,6 +10,10 @@ import torch.nn.functional as F
 
 from esta_kernels._validate import as_int64_ids, check_ids_range
 
+# Rows per shift block of the least-squares accumulation (esta::lstsq_accumulate), on every backend: row m of
+# a batch is centred by row m // SHIFT_BLOCK_ROWS of a 2-D shift. The float32 block sums never straddle it.
+SHIFT_BLOCK_ROWS = 1024
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -63,8 +67,6 @@ def torch_lstsq_accumulate(h_in, h_out, shift_in, shift_out):
     per block; a 1-D shift applies to every row), ua = [u, 1]; returns (ua.T @ ua, ua.T @ v) in float64.
     Makes float64 copies of the batch: it is the oracle, not a fast path.
     """
-    from esta_kernels._lstsq_ops import SHIFT_BLOCK_ROWS
-
     def centred(h, shift):
         shift = shift.to(torch.float64)
         if shift.dim() == 2:

@@ -118,9 +118,8 @@ def _tiny_config(tmp_path, **over):
                 "kwargs": {"img_size": 8, "patch_size": 2, "in_chans": 1, "depth": 2, "embed_dim": d, "num_heads": 2}}
 
     config = {"anchors": [anchor(8), anchor(16)], "data": {"builtin": "digits-5to9"}, "num_classes": 5,
-              "stitching": {"calibration_images": 40},
               "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5, "sampler_warmup_epochs": 0.5,
-                        "num_intervals": 3},
+                        "num_intervals": 3, "calibration_images": 40},
               "evaluate": {"all": True, "batch_size": 512}, "device": "cpu"}
     config.update(over)
     path = tmp_path / "config.json"
@@ -181,9 +180,8 @@ def test_cli_train_from_an_image_folder(tmp_path, capsys):
     config = _tiny_config(tmp_path, data={"folder": root, "image_size": 8}, num_classes=3,
                           anchors=[{"timm": "vit_tiny_patch16_224", "kwargs": {**rgb, "embed_dim": 8}},
                                    {"timm": "vit_tiny_patch16_224", "kwargs": {**rgb, "embed_dim": 16}}],
-                          stitching={"calibration_images": 12},
                           train={"epochs": 2, "batch_size": 6, "warmup_epochs": 0.5, "sampler_warmup_epochs": 0.5,
-                                 "num_intervals": 3})
+                                 "num_intervals": 3, "calibration_images": 12})
     out = tmp_path / "run"
     assert main(["train", "--config", config, "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())

@@ -247,9 +247,9 @@ def _cli_config():
         "anchors": anchors,
         "data": {"builtin": "digits-5to9"},
         "num_classes": 5,
-        "stitching": {"kernel_size": 2, "stride": 1, "calibration_images": 32},
+        "stitching": {"kernel_size": 2, "stride": 1},
         "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5, "sampler_warmup_epochs": 0.5,
-                  "num_intervals": 4, "base_lr": 0.02},
+                  "num_intervals": 4, "base_lr": 0.02, "calibration_images": 32},
         "evaluate": {"all": False, "batch_size": 512},
         "device": "cpu",
     }

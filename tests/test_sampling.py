@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from esta.sampling import TaskSpecificSampler, all_reduce_score, all_reduce_scores, snip_score
+from esta.distributed import all_reduce_score, all_reduce_scores
+from esta.sampling import TaskSpecificSampler, snip_score
 
 
 # --------------------------------------------------------------------------------------------- helpers

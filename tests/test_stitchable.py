@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from esta import SequentialBlocksAnchor, StitchableModel, TimmViTAnchor, stitch_positions
 from esta.nn import StitchingLayer
-from esta.stitching import nearest_block
+from esta.positions import nearest_block
 
 
 def _triples(positions):

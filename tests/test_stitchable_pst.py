@@ -236,7 +236,7 @@ def test_pst_conversion_structure_and_rows():
     before = [model(x, stitch=i) for i in range(len(model))]
     model.to_pst()
     ranks = default_ranks(WIDTHS)
-    assert ranks == [16, 16, 8] and model.pst["ranks"] == ranks  # 32 capped at the width 16, then 16, 8
+    assert ranks == [16, 16, 8] and model.pst.ranks == ranks  # 32 capped at the width 16, then 16, 8
     for a, anchor in enumerate(model.anchors):
         for b, block in enumerate(anchor.blocks):
             assert isinstance(block.attn.qkv, StitchedLinear) and isinstance(block.attn.proj, StitchedLinear)
@@ -266,7 +266,7 @@ def test_pst_conversion_structure_and_rows():
                     assert rows[(a, b, "attn.qkv")] == row and rows[(a, b, "attn.proj")] == row
     for a, anchor in enumerate(model.anchors):
         for b in range(anchor.depth):
-            table = model.pst["tables"][a][b]
+            table = model.pst.tables[a][b]
             used = sorted(r for r in table if r >= 0)
             assert used == list(range(len(used))) == list(range(anchor.blocks[b].attn.qkv.num_stitches))
 
@@ -322,7 +322,7 @@ def test_trainable_report_vit_ti_s_b_counts():
         model = StitchableModel(anchors).to_pst()
     report = model.trainable_report()
     dims, ranks = (192, 384, 768), (32, 16, 8)
-    assert model.pst["ranks"] == list(ranks)
+    assert model.pst.ranks == list(ranks)
     # independent count: qkv (d -> 3d) and proj (d -> d) per block
     lora = sum(12 * r * ((d + 3 * d) + (d + d)) for d, r in zip(dims, ranks))
     bias = sum(_members_through(model, a, b) * (3 * d + d) for a, d in enumerate(dims) for b in range(12))

@@ -72,12 +72,29 @@ class StitchingLayer(StitchedLinear):
         dtype = torch.float32 if dtype is None else dtype
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"StitchingLayer.from_lstsq: dtype must be a floating torch.dtype, got {dtype!r}")
-        # Built on the meta device: no throwaway nn.Linear init, then the solved tensors are adopted.
+        return cls.from_frozen(weight.to(dtype), None if bias is None else bias.to(dtype), num_stitches=num_stitches,
+                               rank=rank, lora_alpha=lora_alpha, backend=backend)
+
+    @classmethod
+    @torch.no_grad()
+    def from_frozen(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], *, num_stitches: int,
+                    rank: Optional[int] = None, lora_alpha: Optional[float] = None,
+                    backend: str = "auto") -> "StitchingLayer":
+        """A layer adopting `weight` (out, in) and `bias` (out,) or None as its frozen parameters (the same
+        storage, frozen), with fresh adapters on the weight's device."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("StitchingLayer.from_frozen: weight must be a 2-D tensor (out_features, in_features)")
+        out_features, in_features = weight.shape
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)):
+            raise ValueError(f"StitchingLayer.from_frozen: bias must be None or a tensor of shape ({out_features},)")
+        # Built on the meta device: no throwaway nn.Linear init, then the given tensors are adopted.
         layer = cls(in_features, out_features, bias is not None, num_stitches=num_stitches, rank=rank,
-                    lora_alpha=lora_alpha, backend=backend, device="meta", dtype=dtype)
-        layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+                    lora_alpha=lora_alpha, backend=backend, device="meta", dtype=weight.dtype)
+        layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        layer.weight.requires_grad_(False)
         if bias is not None:
-            layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+            layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+            layer.bias.requires_grad_(False)
         layer._create_adapters(weight.device)
         return layer
 

@@ -1,0 +1,76 @@
+"""Training batches: which samples each optimizer step sees, loaded through a torch DataLoader.
+
+Data order. Epoch e visits the training set in the permutation drawn from seed + e; a global batch is
+`batch_size * accum_steps * world_size` samples (the last partial batch of an epoch is dropped) and rank r
+takes every world_size-th sample of each micro-batch slice. The adapt-then-stitch phase replays epochs
+0..adapt_epochs-1 for each anchor. The order depends on the step only, so a resumed run sees the very
+batches of the uninterrupted one, whatever the number of DataLoader workers (which only decode samples).
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+__all__ = ["stack_samples", "StepBatchSampler", "step_loader", "calibration_images"]
+
+
+def stack_samples(samples: Sequence) -> tuple:
+    """Collates (input, label) pairs: (stacked inputs, int64 labels)."""
+    xs, ys = zip(*samples)
+    return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys, dtype=torch.long)
+
+
+class StepBatchSampler(Sampler[List[int]]):
+    """The index lists of the micro-batches of optimizer steps [start, stop), this rank's share, in order."""
+
+    def __init__(self, num_samples: int, *, seed: int, steps_per_epoch: int, batch_size: int, accum_steps: int,
+                 rank: int, world: int, adapt_steps: int, adapt_epochs: int, start: int, stop: int) -> None:
+        self.num_samples, self.seed, self.steps_per_epoch = num_samples, seed, steps_per_epoch
+        self.batch_size, self.accum_steps, self.rank, self.world = batch_size, accum_steps, rank, world
+        self.adapt_steps, self.adapt_epochs = adapt_steps, adapt_epochs
+        self.start, self.stop = start, stop
+        self._perm = (None, None)  # (epoch, permutation) of the last epoch drawn
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = (epoch, torch.randperm(self.num_samples, generator=g))
+        return self._perm[1]
+
+    def step_indices(self, step: int) -> List[List[int]]:
+        """The micro-batches (lists of sample indices, this rank's share) of optimizer step `step`."""
+        spe = self.steps_per_epoch
+        if step >= self.adapt_steps:
+            local = step - self.adapt_steps
+        else:
+            local = step % (self.adapt_epochs * spe)
+        epoch, offset = divmod(local, spe)
+        global_batch = self.batch_size * self.accum_steps * self.world
+        chunk = self._permutation(epoch)[offset * global_batch:(offset + 1) * global_batch]
+        per_micro = self.batch_size * self.world
+        return [chunk[m * per_micro:(m + 1) * per_micro][self.rank::self.world].tolist()
+                for m in range(self.accum_steps)]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for step in range(self.start, self.stop):
+            yield from self.step_indices(step)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum_steps
+
+
+def step_loader(dataset, sampler: StepBatchSampler, num_workers: int = 0) -> DataLoader:
+    """A DataLoader yielding the micro-batches of `sampler` in order, decoded by `num_workers` processes."""
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=stack_samples, num_workers=num_workers,
+                      persistent_workers=False)
+
+
+def calibration_images(data, n: int, seed: int) -> Tensor:
+    """The inputs of n samples of `data` drawn without replacement by `seed` (the least-squares init's
+    calibration set)."""
+    n = min(n, len(data))
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    return stack_samples([data[int(i)] for i in perm])[0]
