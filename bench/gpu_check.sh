@@ -8,13 +8,19 @@
 # Steps, each under a `timeout` so the whole stays inside ESTA_CHECK_TOTAL_S (default 470 s):
 #   1. TORCH_CUDA_ARCH_LIST=<the card's, else 9.0> ESTA_BUILD_CUDA=1 pip install --no-build-isolation
 #      --no-deps -e .   (falls back to `setup.py build_ext --inplace` when pip itself refuses quickly)
-#   2. python -m pytest -m gpu -q tests    (failures are recorded, not fatal)
-#   3. python bench/gpu_bench.py           (the GPU benchmark; writes JSON after every shape)
-#   4. bench/gpu_report.py: $OUT/<card>-<date>.json (+ .build.log, .pytest.log, .bench.log), table last
+#   2. the cases that once crashed (Triton backend, r = 1, M = 7, float16 and bfloat16, both GEMM paths)
+#      under `compute-sanitizer --tool memcheck` (tests/gpu_matrix.py), first, since a CUDA fault is sticky
+#      for its process; the verdict goes into the JSON
+#   3. python -m pytest -m gpu -q tests    (failures are recorded, not fatal; tests/test_gpu_matrix.py runs
+#      its path x dtype groups in processes of their own)
+#   4. python bench/gpu_bench.py           (the GPU benchmark; writes JSON after every shape)
+#   5. bench/gpu_report.py: $OUT/<card>-<date>.json (+ .build.log, .pytest.log, .bench.log,
+#      .sanitizer.log), table last
 #
 # Environment: PYTHON (default .venv/bin/python when present, else python3); OUT (default bench/results,
 # or a new temporary folder with --cpu-dry-run); ESTA_CHECK_TOTAL_S, ESTA_BUILD_TIMEOUT (220),
-# ESTA_TEST_TIMEOUT (120), ESTA_BENCH_TIMEOUT (170); TORCH_CUDA_ARCH_LIST to override the arch.
+# ESTA_SANITIZER_TIMEOUT (60), ESTA_TEST_TIMEOUT (130), ESTA_BENCH_TIMEOUT (170); TORCH_CUDA_ARCH_LIST to
+# override the arch.
 set -euo pipefail
 
 DRY=0
@@ -81,13 +87,54 @@ fi
 BACKENDS=$("$PYTHON" -c "import esta_kernels; print(','.join(esta_kernels.available_backends()))" 2>/dev/null | tail -n1 || true)
 echo "   esta backends: ${BACKENDS:-<esta_kernels does not import>}"
 
-# ---------------------------------------------------------------------------------------------- 2. tests
+# ------------------------------------------------------------------------------ 2. the crash cases, memcheck
+t=$(now)
+SANITIZER_RC=""
+if [ "$DRY" = 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
+  echo "-- memcheck: compute-sanitizer --tool memcheck tests/gpu_matrix.py --r 1 --M 7 (fp16, bf16; tma, pointer)"
+  SAN_SECS=$(budget "${ESTA_SANITIZER_TIMEOUT:-60}")
+  : > "$WORK/sanitizer.log"
+  pids=()
+  for path in tma pointer; do
+    for dt in float16 bfloat16; do
+      ( rc=0; ESTA_TRITON_AUTOTUNE=0 timeout --kill-after=10 "$SAN_SECS" compute-sanitizer --tool memcheck \
+          --error-exitcode 86 "$PYTHON" tests/gpu_matrix.py --path "$path" --dtype "$dt" --r 1 --M 7 \
+          >"$WORK/sanitizer-$path-$dt.log" 2>&1 || rc=$?; echo "$rc" > "$WORK/sanitizer-$path-$dt.rc" ) &
+      pids+=($!)
+    done
+  done
+  # the pre-13 kernels, rank-1 buffers unpadded as in the probe: which kernel faulted (bench/repro/r1_crash.py)
+  for dt in float16; do
+    ( rc=0; ESTA_TRITON_AUTOTUNE=0 timeout --kill-after=10 "$SAN_SECS" compute-sanitizer --tool memcheck \
+        --error-exitcode 86 "$PYTHON" bench/repro/r1_crash.py --dtype "$dt" \
+        >"$WORK/sanitizer-pre13-$dt.log" 2>&1 || rc=$?; echo "$rc" > "$WORK/sanitizer-pre13-$dt.rc" ) &
+    pids+=($!)
+  done
+  wait "${pids[@]}" || true
+  rc=$(cat "$WORK/sanitizer-pre13-float16.rc" 2>/dev/null || echo missing)
+  { echo "=== pre-13 kernels (bench/repro/r1_crash.py), float16: exit $rc"; cat "$WORK/sanitizer-pre13-float16.log"; } >> "$WORK/sanitizer.log"
+  echo "   pre-13 kernels, r=1 unpadded (repro): exit $rc, $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer-pre13-float16.log" | tail -n1 || true)"
+  SANITIZER_RC=0
+  for path in tma pointer; do
+    for dt in float16 bfloat16; do
+      rc=$(cat "$WORK/sanitizer-$path-$dt.rc" 2>/dev/null || echo missing)
+      { echo "=== $path $dt: exit $rc"; cat "$WORK/sanitizer-$path-$dt.log"; } >> "$WORK/sanitizer.log"
+      echo "   $path/$dt: exit $rc, $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer-$path-$dt.log" | tail -n1 || true)"
+      [ "$rc" = 0 ] || SANITIZER_RC=$rc
+    done
+  done
+else
+  echo "-- memcheck: skipped ($([ "$DRY" = 1 ] && echo 'dry run' || echo 'compute-sanitizer not found'))"
+fi
+SANITIZER_S=$(( $(now) - t ))
+
+# ---------------------------------------------------------------------------------------------- 3. tests
 t=$(now)
 if [ "$DRY" = 0 ]; then
   echo "-- tests: pytest -m gpu -q tests"
   # ESTA_TRITON_AUTOTUNE=0: the tests run the first config of each Triton autotune list (every config is
   # compiled by tests/test_triton_compile.py; the benchmark autotunes and checks its results first)
-  TEST_RC=$(ESTA_TRITON_AUTOTUNE=0 run_logged "$(budget "${ESTA_TEST_TIMEOUT:-120}")" "$WORK/pytest.log" \
+  TEST_RC=$(ESTA_TRITON_AUTOTUNE=0 run_logged "$(budget "${ESTA_TEST_TIMEOUT:-130}")" "$WORK/pytest.log" \
             "$PYTHON" -m pytest -m gpu -q tests -p no:cacheprovider --junitxml="$WORK/junit.xml")
 else
   # no GPU: only check that the gpu tests still collect
@@ -97,7 +144,7 @@ fi
 TEST_S=$(( $(now) - t ))
 echo "   pytest exit $TEST_RC in ${TEST_S}s: $(grep -E '(passed|failed|error|skipped|collected|selected|no tests ran)' "$WORK/pytest.log" | tail -n1 || true)"
 
-# ------------------------------------------------------------------------------------------ 3. benchmark
+# ------------------------------------------------------------------------------------------ 4. benchmark
 t=$(now)
 BENCH_SECS=$(budget "${ESTA_BENCH_TIMEOUT:-170}")
 BENCH_ARGS=(--out "$WORK" --budget-s $(( BENCH_SECS > 40 ? BENCH_SECS - 25 : BENCH_SECS / 2 )))
@@ -109,8 +156,9 @@ BENCH_RC=${PIPESTATUS[0]}
 set -e
 BENCH_S=$(( $(now) - t ))
 
-# --------------------------------------------------------------------------------------------- 4. report
+# --------------------------------------------------------------------------------------------- 5. report
 "$PYTHON" bench/gpu_report.py --work "$WORK" --out "$OUT" --mode "$MODE" \
   --build-status "$BUILD_STATUS" --build-seconds "$BUILD_S" --build-method "$BUILD_METHOD" \
   --test-rc "$TEST_RC" --test-seconds "$TEST_S" --bench-rc "$BENCH_RC" --bench-seconds "$BENCH_S" \
+  ${SANITIZER_RC:+--sanitizer-rc "$SANITIZER_RC"} --sanitizer-seconds "$SANITIZER_S" \
   --total-seconds $(( $(now) - T0 )) ${BACKENDS:+--backends "$BACKENDS"}

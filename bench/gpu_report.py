@@ -70,6 +70,60 @@ def test_counts(work: str, test_rc) -> dict:
     return out
 
 
+def sanitizer_verdict(work: str, rc, seconds) -> dict:
+    """compute-sanitizer memcheck of the once-crashing cases: per (path, dtype) its exit code, its ERROR
+    SUMMARY line and the cases the harness reported; `verdict` is clean / errors / not run."""
+    out = {"exit_code": rc, "seconds": seconds, "cases": []}
+    for path in ("tma", "pointer"):
+        for dtype in ("float16", "bfloat16"):
+            log = os.path.join(work, f"sanitizer-{path}-{dtype}.log")
+            if not os.path.exists(log):
+                continue
+            lines = _tail(log, 400)
+            code = _tail(os.path.join(work, f"sanitizer-{path}-{dtype}.rc"), 1)
+            summary = next((ln.strip() for ln in reversed(lines) if "ERROR SUMMARY" in ln), "no ERROR SUMMARY line")
+            results = []
+            for ln in lines:
+                if ln.startswith("{"):
+                    try:
+                        results.append(json.loads(ln))
+                    except ValueError:
+                        pass
+            out["cases"].append({"path": path, "dtype": dtype, "exit_code": code[0] if code else None,
+                                 "summary": summary,
+                                 "results": [{k: r.get(k) for k in ("r", "M", "ids", "status", "plan_path", "errors",
+                                                                    "error")} for r in results]})
+    repro = os.path.join(work, "sanitizer-pre13-float16.log")
+    if os.path.exists(repro):
+        lines = _tail(repro, 400)
+        events = []
+        for ln in lines:
+            if ln.startswith("{"):
+                try:
+                    events.append(json.loads(ln))
+                except ValueError:
+                    pass
+        started = [e["launch"] for e in events if "launch" in e]
+        done = [e["done"] for e in events if "done" in e]
+        code = _tail(os.path.join(work, "sanitizer-pre13-float16.rc"), 1)
+        out["pre13_repro"] = {
+            "what": "bench/repro/r1_crash.py: the pre-issue-13 kernels, r=1, M=7, float16, unpadded (M, 1) buffers",
+            "exit_code": code[0] if code else None,
+            "summary": next((ln.strip() for ln in reversed(lines) if "ERROR SUMMARY" in ln), "no ERROR SUMMARY line"),
+            "launches_started": started, "launches_done": done,
+            "faulting_launch": started[len(done)] if len(started) > len(done) else None,
+            "first_error_lines": [ln for ln in lines if ln.startswith("=========")][:12],
+        }
+    if not out["cases"]:
+        out["verdict"] = "not run"
+    elif all(c["summary"].startswith("========= ERROR SUMMARY: 0 errors") and c["exit_code"] == "0"
+             for c in out["cases"]):
+        out["verdict"] = "clean"
+    else:
+        out["verdict"] = "errors (see sanitizer.log)"
+    return out
+
+
 def card_slug(card: str | None, mode: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100'; the CPU dry run -> 'cpu-dry-run'."""
     if mode == "cpu-dry-run":
@@ -91,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-rc", type=int, default=None)
     ap.add_argument("--bench-seconds", type=float, default=None)
     ap.add_argument("--total-seconds", type=float, default=None)
+    ap.add_argument("--sanitizer-rc", type=int, default=None, help="worst exit code of the memcheck runs")
+    ap.add_argument("--sanitizer-seconds", type=float, default=None)
     ap.add_argument("--backends", default=None, help="esta_kernels.available_backends() after the build")
     args = ap.parse_args(argv)
 
@@ -119,6 +175,7 @@ def main(argv=None) -> int:
         "gpu_tests": dict(test_counts(args.work, args.test_rc), seconds=args.test_seconds),
         "bench_run": {"exit_code": args.bench_rc, "seconds": args.bench_seconds,
                       "log_tail": _tail(os.path.join(args.work, "bench.log"), 40)},
+        "sanitizer": sanitizer_verdict(args.work, args.sanitizer_rc, args.sanitizer_seconds),
         "total_seconds": args.total_seconds,
         "bench": bench,
     }
@@ -131,7 +188,7 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, name + ".json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
-    for log in ("build", "pytest", "bench"):
+    for log in ("build", "pytest", "bench", "sanitizer"):
         src = os.path.join(args.work, log + ".log")
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(args.out, f"{name}.{log}.log"))
@@ -144,6 +201,12 @@ def main(argv=None) -> int:
           f"torch {env.get('torch')} | triton {env.get('triton')}")
     print(f"build: {b['status']}" + (f" in {b['seconds']:.0f} s" if b["seconds"] is not None else "")
           + (f" ({b['method']})" if b["method"] else "") + f" | backends {summary['esta_backends']}")
+    san = summary["sanitizer"]
+    print(f"memcheck (r=1, M=7, fp16/bf16, both paths): {san['verdict']}"
+          + "".join(f" | {c['path']}/{c['dtype']}: {c['summary']}" for c in san.get("cases", [])))
+    if san.get("pre13_repro"):
+        rp = san["pre13_repro"]
+        print(f"pre-13 r=1 repro: exit {rp['exit_code']}, {rp['summary']}, faulting launch {rp['faulting_launch']}")
     print(f"gpu tests: {t.get('status')} | {t.get('summary_line')}")
     for line in t.get("failures", [])[:15]:
         print("  " + line[:200])

@@ -6,10 +6,15 @@ The baselines come from esta_kernels.reference, the module the tests use, so the
 
     flinear        F.linear alone: the floor (forward + dx only, since the weight is frozen)
     naive          esta_kernels.reference.naive_stitched_linear: F.linear + two matmuls + indexed bias
-    naive_compile  the same function under torch.compile
+    cublas_accumulate  out = F.linear(x, W, b); out.addmm_(x @ A.T, B.T, alpha=scale); out += sb[ids]
+                   (the LoRA term accumulated into the cuBLAS output, as fast LoRA libraries do)
+    naive_compile  the same function under torch.compile (mode="max-autotune-no-cudagraphs" on a GPU)
     peft           PEFT's LoRA Linear (lora_dropout=0) plus the same indexed stitch bias as `naive`
     esta_torch     esta_kernels.stitched_linear(backend="torch"): the float32-accumulating reference
     esta_cpu / esta_triton / esta_cuda   esta_kernels.stitched_linear(backend=...)
+    esta_triton_fused_xa  esta triton with ESTA_TRITON_XA=fused (xa accumulated in the Hopper main loop)
+    esta_triton_plain_gemm  the Hopper path's persistent kernel as a plain GEMM (y = x W^T, dx = dy W): its
+                   main loop alone, to set beside F.linear (counted like the floor)
 
 `saved_activation_bytes` says what each provider keeps alive for backward; see its docstring for exactly
 what it counts.
@@ -94,21 +99,101 @@ def _build_naive(inp: Inputs, fn=naive_stitched_linear) -> Runner:
     return Runner(forward, inp.grad_y, inp.parameters(), _grads_of(inp))
 
 
+def cublas_accumulate_stitched_linear(x, weight, bias, lora_a, lora_b, stitch_bias, stitch_ids, *, scale):
+    """The cuBLAS-accumulate composition: the LoRA up-projection accumulated into F.linear's output by one
+    addmm_ (beta = 1), then the gathered stitch-bias rows added (id -1 picks an appended zero row)."""
+    out = F.linear(x, weight, bias)
+    out.addmm_(x @ lora_a.to(x.dtype).t(), lora_b.to(x.dtype).t(), alpha=scale)
+    S, N = stitch_bias.shape
+    table = torch.cat([stitch_bias.to(x.dtype), stitch_bias.new_zeros(1, N, dtype=x.dtype)])
+    out += table[torch.where(stitch_ids < 0, S, stitch_ids)]
+    return out
+
+
 _COMPILED: dict = {}
 
 
-def compiled_naive(backend: str = "inductor"):
-    """One torch.compile wrapper per compile backend; dynamo then keeps one graph per shape."""
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(naive_stitched_linear, backend=backend, dynamic=False)
-    return _COMPILED[backend]
+def compiled_naive(backend: str = "inductor", mode=None):
+    """One torch.compile wrapper per compile backend and mode; dynamo then keeps one graph per shape."""
+    key = (backend, mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(naive_stitched_linear, backend=backend, dynamic=False, mode=mode)
+    return _COMPILED[key]
 
 
-def _make_build_compiled(backend: str):
+def _make_build_compiled(backend: str, mode=None):
     def build(inp: Inputs) -> Runner:
-        return _build_naive(inp, compiled_naive(backend))
+        return _build_naive(inp, compiled_naive(backend, mode))
 
     return build
+
+
+def _build_cublas_accumulate(inp: Inputs) -> Runner:
+    return _build_naive(inp, cublas_accumulate_stitched_linear)
+
+
+def _make_build_esta_env(backend: str, env: dict):
+    """esta with environment switches set around each call (e.g. ESTA_TRITON_XA=fused)."""
+    import os
+
+    inner = _make_build_esta(backend)
+
+    def build(inp: Inputs) -> Runner:
+        runner = inner(inp)
+        plain_forward = runner.forward
+
+        def forward():
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                return plain_forward()
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+        runner.forward = forward
+        return runner
+
+    return build
+
+
+class _PlainHopperGemm(torch.autograd.Function):
+    """y = x W^T and dx = dy W through the Hopper path's persistent kernel, nothing fused."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        from esta_kernels.triton import stitched_linear as sl
+
+        ctx.save_for_backward(weight)
+        y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        sl._launch(sl.plan_tma_gemm(x, weight, y, b_kmajor=True, num_sms=sl._num_sms(x.device)), x.device)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from esta_kernels.triton import stitched_linear as sl
+
+        (weight,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch.empty(dy.shape[0], weight.shape[1], dtype=dy.dtype, device=dy.device)
+        sl._launch(sl.plan_tma_gemm(dy, weight, dx, b_kmajor=False, num_sms=sl._num_sms(dy.device)), dy.device)
+        return dx, None
+
+
+def _build_plain_gemm(inp: Inputs) -> Runner:
+    x, w = inp.x, inp.weight
+    return Runner(lambda: _PlainHopperGemm.apply(x, w), inp.grad_y, inp.parameters(), _grads_of(inp, lora=False))
+
+
+def _hopper_only(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "GPU-only provider"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return "the Hopper path runs on sm_90 only"
+    return _esta_unavailable("triton", "cuda")(device)
 
 
 def _peft_missing() -> Optional[str]:
@@ -188,14 +273,20 @@ def _cuda_only(device: torch.device) -> Optional[str]:
     return None if device.type == "cuda" else "GPU-only provider"
 
 
+
 PROVIDERS = {
     p.name: p
     for p in (
         Provider("flinear", "F.linear alone (the floor)", False, _build_flinear, _always),
         Provider("naive", "naive composition, eager (esta_kernels.reference.naive_stitched_linear)", True,
                  _build_naive, _always),
+        Provider("cublas_accumulate", "F.linear, then addmm_(x A^T, B^T, alpha=scale) into it, + sb[ids]", True,
+                 _build_cublas_accumulate, _always),
         Provider("naive_compile", "naive composition under torch.compile (inductor)", True,
                  _make_build_compiled("inductor"), _always),
+        Provider("naive_compile_max_autotune",
+                 "naive composition under torch.compile(mode='max-autotune-no-cudagraphs')", True,
+                 _make_build_compiled("inductor", "max-autotune-no-cudagraphs"), _cuda_only),
         # the CPU dry run of the GPU script: exercises dynamo + AOT autograd without inductor's compile time
         Provider("naive_compile_aot_eager", "naive composition under torch.compile(backend='aot_eager')", True,
                  _make_build_compiled("aot_eager"), _always),
@@ -208,6 +299,10 @@ PROVIDERS = {
                  _esta_unavailable("triton", "cuda")),
         Provider("esta_cuda", "esta_kernels.stitched_linear(backend='cuda')", True, _make_build_esta("cuda"),
                  _esta_unavailable("cuda", "cuda")),
+        Provider("esta_triton_fused_xa", "esta triton, ESTA_TRITON_XA=fused (xa in the Hopper main loop)", True,
+                 _make_build_esta_env("triton", {"ESTA_TRITON_XA": "fused"}), _hopper_only),
+        Provider("esta_triton_plain_gemm", "the Hopper path's persistent kernel as a plain GEMM (x W^T; dx)",
+                 False, _build_plain_gemm, _hopper_only),
     )
 }
 
@@ -215,8 +310,9 @@ PROVIDERS = {
 CPU_BENCH_PROVIDERS = ("flinear", "naive", "peft", "esta_cpu")
 CUDA_BENCH_PROVIDERS = ("flinear", "naive", "peft", "esta_triton", "esta_cuda")
 # what bench/gpu_bench.py runs (esta before the compiled baseline, whose compile time can use up the budget)
-GPU_SCRIPT_PROVIDERS = ("flinear", "naive", "esta_triton", "esta_cuda", "naive_compile")
-DRY_RUN_PROVIDERS = ("flinear", "naive", "esta_torch", "esta_cpu", "naive_compile_aot_eager")
+GPU_SCRIPT_PROVIDERS = ("flinear", "naive", "cublas_accumulate", "esta_triton", "esta_cuda", "esta_triton_fused_xa",
+                        "esta_triton_plain_gemm", "naive_compile_max_autotune")
+DRY_RUN_PROVIDERS = ("flinear", "naive", "cublas_accumulate", "esta_torch", "esta_cpu", "naive_compile_aot_eager")
 
 
 # ------------------------------------------------------------------------------------ measuring helpers

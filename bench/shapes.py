@@ -50,10 +50,15 @@ CPU_SHAPES = (
     Shape("llama7b_q_proj_m512", M=512, K=4096, N=4096, r=16, S=6, bias=False, note="LLaMA-7B q_proj, 512 tokens"),
 )
 
+# The GPU benchmark's shapes (issue 13): LLaMA-7B's attention projection and MLP (8192 tokens, 40 stitches,
+# rank 16) and the ViT qkv layers of the vision setting.
 GPU_SHAPES = (
-    Shape("llama7b_proj", M=8192, K=4096, N=4096, r=16, S=6, bias=False, note="LLaMA-7B attention proj, 8192 tokens"),
-    Shape("vit_b_qkv_b64", M=64 * 197, K=768, N=2304, r=8, S=35, bias=True, note="ViT-B qkv, batch 64"),
-    Shape("vit_s_qkv_b64", M=64 * 197, K=384, N=1152, r=16, S=35, bias=True, note="ViT-S qkv, batch 64"),
+    Shape("llama7b_q_proj", M=8192, K=4096, N=4096, r=16, S=40, bias=False, note="LLaMA-7B q_proj, 8192 tokens"),
+    Shape("llama7b_mlp_up", M=8192, K=4096, N=11008, r=16, S=40, bias=False, note="LLaMA-7B MLP up, 8192 tokens"),
+    Shape("llama7b_mlp_down", M=8192, K=11008, N=4096, r=16, S=40, bias=False,
+          note="LLaMA-7B MLP down, 8192 tokens"),
+    Shape("vit_b_qkv", M=16 * 197, K=768, N=2304, r=8, S=35, bias=True, note="ViT-B qkv, batch 16"),
+    Shape("vit_s_qkv", M=64 * 197, K=384, N=1152, r=16, S=35, bias=True, note="ViT-S qkv, batch 64"),
 )
 
 # Tiny shapes for smoke runs (`--quick`, `--cpu-dry-run`): odd sizes, so they also catch padding bugs.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import weakref
 
 import torch
 
@@ -146,45 +145,33 @@ def check_stitched_linear_args(x, weight, bias, lora_a, lora_b, stitch_bias, sti
             raise ValueError(f"stitched_linear: all tensors must be on one device: x is on {dev}, {name} on {t.device}")
 
 
-# Ranges of id tensors already read, so that one ids tensor shared by every layer of a step (and saved
-# for their backward) costs one device read, not one per call. Keyed by id(tensor); an entry counts only
-# while the weak reference still points to that very tensor and its version counter (bumped by every
-# in-place write, shared with its views) is unchanged.
-_ID_RANGES: dict = {}
-_ID_RANGES_MAX = 512
+# ----------------------------------------------------------------------------------- stitch-id ranges
+# Ids outside [-1, S) are an error. How it is reported depends on where the ids live:
+#   - on the host (an int, a CPU tensor): checked eagerly here, IndexError before anything is written;
+#   - on a GPU: reading them would be a device-to-host sync per call. The kernels treat such an id as "no
+#     stitch bias" (never an out-of-bounds read) and clear a one-element int32 flag (1 = all ids good);
+#     report_bad_ids() then queues torch._assert_async on it, which fails the stream later, like torch's
+#     own device-side index checks, without a sync, and is capturable in a CUDA graph (the custom ops are
+#     opaque to torch.compile, so it runs the same there). Two small launches per call: the fill and the
+#     assert. A kernel that cannot write a flag uses assert_ids_in_range_async() (an on-device range test,
+#     no sync) instead.
+# The CUDA backend shares these helpers: new_bad_id_flag() before its launches, its kernels write 0 for
+# a bad id, report_bad_ids() after.
+BAD_ID_MESSAGE = "stitched_linear: a stitch id is outside [-1, {S}) (S = {S} stitch-bias rows)"
 
 
-def _lookup_range(ids: torch.Tensor):
-    hit = _ID_RANGES.get(id(ids))
-    if hit is not None and hit[0]() is ids and hit[1] == ids._version:
-        return hit[2], hit[3]
-    return None
-
-
-def remember_ids_range(ids: torch.Tensor, lo: int, hi: int) -> None:
-    """Records that every id in `ids` lies in [lo, hi] (known on the host, e.g. an int the caller checked)."""
-    if torch.compiler.is_compiling():
-        return
-    if len(_ID_RANGES) >= _ID_RANGES_MAX:
-        for key in [k for k, v in _ID_RANGES.items() if v[0]() is None]:
-            del _ID_RANGES[key]
-        if len(_ID_RANGES) >= _ID_RANGES_MAX:
-            _ID_RANGES.clear()
-    _ID_RANGES[id(ids)] = (weakref.ref(ids), ids._version, lo, hi)
+def ids_checked_on_host(ids: torch.Tensor) -> bool:
+    """True when the ids can be read without a device sync (they live in host memory)."""
+    return ids.device.type == "cpu"
 
 
 def check_ids_range(ids: torch.Tensor, num_stitches: int) -> None:
-    """Raises IndexError for any id outside [-1, S). Reading the ids is a device sync on a GPU; it happens
-    once per ids tensor (until it is written in place), however many layers and backward passes use it."""
+    """Raises IndexError for any id outside [-1, S). Reads the ids: call it for host ids only (on a GPU it
+    would be a device sync; use the flag below there)."""
     if ids is None or ids.numel() == 0 or ids.device.type == "meta":  # meta tensors hold no values
         return
-    known = _lookup_range(ids)
-    if known is None:
-        lo, hi = torch.aminmax(ids)
-        lo, hi = int(lo), int(hi)
-        remember_ids_range(ids, lo, hi)
-    else:
-        lo, hi = known
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
     if lo < -1 or hi >= num_stitches:
         bad = lo if lo < -1 else hi
         raise IndexError(
@@ -193,27 +180,24 @@ def check_ids_range(ids: torch.Tensor, num_stitches: int) -> None:
         )
 
 
+def new_bad_id_flag(device: torch.device) -> torch.Tensor:
+    """A one-element int32 flag holding 1 ("every id good"); kernels write 0 when they meet an id outside
+    [-1, S)."""
+    return torch.ones(1, dtype=torch.int32, device=device)
+
+
+def report_bad_ids(flag: torch.Tensor, num_stitches: int) -> None:
+    """Fails (asynchronously on a GPU, at once on the CPU) when a kernel cleared the flag; never syncs."""
+    torch._assert_async(flag, BAD_ID_MESSAGE.format(S=num_stitches))
+
+
+def assert_ids_in_range_async(ids: torch.Tensor, num_stitches: int) -> None:
+    """The same report for a path whose kernels write no flag: an on-device range test, no sync."""
+    if ids.numel():
+        torch._assert_async(((ids >= -1) & (ids < num_stitches)).all(), BAD_ID_MESSAGE.format(S=num_stitches))
+
+
 def flat_ids(stitch_ids: torch.Tensor) -> torch.Tensor:
-    """The 1-D int64 ids the ops take. Outside torch.compile the view is memoized per ids tensor, so every
-    layer that gets the same ids tensor hands the ops the same object and its range is read once."""
-    if torch.compiler.is_compiling():
-        return as_int64_ids(stitch_ids.reshape(-1))
-    hit = _FLAT.get(id(stitch_ids))
-    if hit is not None and hit[0]() is stitch_ids and hit[1] == stitch_ids._version:
-        flat = hit[2]()  # held weakly: the memo never keeps ids memory alive
-        if flat is not None:
-            return flat
-    flat = as_int64_ids(stitch_ids.reshape(-1))
-    known = _lookup_range(stitch_ids)
-    if known is not None:
-        remember_ids_range(flat, *known)
-    if len(_FLAT) >= _ID_RANGES_MAX:
-        for key in [k for k, v in _FLAT.items() if v[0]() is None or v[2]() is None]:
-            del _FLAT[key]
-        if len(_FLAT) >= _ID_RANGES_MAX:
-            _FLAT.clear()
-    _FLAT[id(stitch_ids)] = (weakref.ref(stitch_ids), stitch_ids._version, weakref.ref(flat))
-    return flat
-
-
-_FLAT: dict = {}
+    """The 1-D int64 ids the ops take (a view when the ids already are contiguous int64; uint64 ids above
+    2^63 - 1 saturate, see as_int64_ids)."""
+    return as_int64_ids(stitch_ids.reshape(-1))

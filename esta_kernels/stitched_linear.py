@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from esta_kernels import _ops
-from esta_kernels._validate import (check_scale, check_stitched_linear_args, flat_ids, host_stitch_id,
-                                    remember_ids_range)
+from esta_kernels._validate import check_scale, check_stitched_linear_args, flat_ids, host_stitch_id
 from esta_kernels.backends import resolve_backend
 from esta_kernels.reference import torch_stitched_linear
 
@@ -87,8 +86,8 @@ def stitched_linear(
     ids = None
     if stitch_bias is not None and stitch_ids is not None:
         if isinstance(stitch_ids, int):
+            # checked on the host above; a fill, not a copy, so no host-to-device transfer either
             ids = torch.full((1,), stitch_ids, dtype=torch.int64, device=x.device)
-            remember_ids_range(ids, stitch_ids, stitch_ids)  # checked on the host above
         else:
             ids = flat_ids(stitch_ids)
     y, _ = _ops.FORWARD_OPS[name](x2, weight, bias, lora_a, lora_b, stitch_bias, ids, float(scale))

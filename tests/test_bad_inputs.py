@@ -139,31 +139,34 @@ def test_env_override(monkeypatch):
         esta_kernels.resolve_backend("auto", torch.device("cpu"))
 
 
-def test_id_range_is_read_once_per_ids_tensor(monkeypatch):
-    """The GPU backends validate ids with a device read; layers sharing one ids tensor pay for it once,
-    and an in-place write to the ids makes the next call read them again."""
+def test_id_checks_have_no_memo_and_gpu_ids_are_never_read_by_the_host(monkeypatch):
+    """Host ids are checked on every call (no cache keyed on a tensor's identity or version); ids on a GPU
+    are left to the kernels' flag and torch._assert_async (esta_kernels._validate), never read by the host."""
     from esta_kernels import _validate
 
-    reads = []
-    real = torch.aminmax
-    monkeypatch.setattr(_validate.torch, "aminmax", lambda t: reads.append(1) or real(t))
+    assert not hasattr(_validate, "remember_ids_range") and not hasattr(_validate, "_ID_RANGES")
     ids = torch.randint(-1, 4, (9,))
-    flat = _validate.flat_ids(ids)
-    assert _validate.flat_ids(ids) is flat
-    for _ in range(3):
-        _validate.check_ids_range(_validate.flat_ids(ids), 4)
-    assert len(reads) == 1
-    ids[3] = 7  # written in place: the memo must not vouch for it any more
-    held = _validate.flat_ids(ids)  # as autograd holds the ids it saved for backward
+    _validate.check_ids_range(ids, 4)
+    ids[3] = 7  # written in place: the very next check sees it
     with pytest.raises(IndexError, match=r"stitch id 7 is outside \[-1, 4\)"):
-        _validate.check_ids_range(held, 4)
-    assert len(reads) == 2
-    with pytest.raises(IndexError, match=r"outside \[-1, 3\)"):
-        _validate.check_ids_range(_validate.flat_ids(ids), 3)  # a known range is still checked against S
-    known = torch.full((1,), 2)
-    _validate.remember_ids_range(known, 2, 2)
-    _validate.check_ids_range(known, 3)
-    assert len(reads) == 2
+        _validate.check_ids_range(ids, 4)
+    assert _validate.ids_checked_on_host(ids)
+    assert not _validate.ids_checked_on_host(torch.empty(3, dtype=torch.int64, device="meta"))
+    flag = _validate.new_bad_id_flag(torch.device("cpu"))
+    _validate.report_bad_ids(flag, 4)  # a flag left at 1 (every id good) reports nothing
+    flag.fill_(0)
+    with pytest.raises(RuntimeError, match=r"stitch id is outside \[-1, 4\)"):
+        _validate.report_bad_ids(flag, 4)
+    _validate.assert_ids_in_range_async(torch.tensor([-1, 0, 3]), 4)
+    with pytest.raises(RuntimeError, match=r"stitch id is outside \[-1, 4\)"):
+        _validate.assert_ids_in_range_async(torch.tensor([-1, 0, 4]), 4)
+    # an int id is checked on the host and made with a fill: no read of a tensor
+    inp = dict(x=torch.randn(5, 8), weight=torch.randn(6, 8), stitch_bias=torch.randn(3, 6))
+    monkeypatch.setattr(_validate.torch, "aminmax", lambda *a, **k: pytest.fail("ids were read"))
+    esta_kernels.stitched_linear(**inp, stitch_ids=2, backend="cpu" if "cpu" in esta_kernels.available_backends()
+                                 else "torch")
+    with pytest.raises(IndexError, match=r"stitch id 3 is outside \[-1, 3\)"):
+        esta_kernels.stitched_linear(**inp, stitch_ids=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

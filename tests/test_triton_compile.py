@@ -1,11 +1,13 @@
 """Compiles every Triton launch of the stitched linear and of the least-squares accumulation
 (esta_kernels/triton/lstsq.py), for every autotune config, every dtype and both target GPUs (sm_80 Ampere,
-sm_90 Hopper), without a GPU.
+sm_90 Hopper), without a GPU: the pointer kernels for both archs, the Hopper path (persistent kernel,
+tensor descriptors) for sm_90, at rank 16 and 256 and in its fused-xa variant. Every Hopper-path config
+must use wgmma and TMA without spilling; no 16-bit launch may contain a TF32 MMA.
 
 The interpreter accepts kernels the GPU compiler rejects (e.g. a tl.dot dimension below 16), so passing
 the interpreter tests is not enough. Here `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
 32))` runs the real compiler down to PTX and a cubin. The launches are built by the module's own plan
-functions on meta tensors, so they are exactly what the launchers run; argument specialization (pointers
+functions (plan_forward / plan_backward) on meta tensors, so they are exactly what the launchers run; argument specialization (pointers
 and multiples of 16 marked divisible by 16, ints equal to 1 made constants) mimics triton's launcher.
 
 Compilation runs in subprocesses with TRITON_INTERPRET unset: under TRITON_INTERPRET=1 triton.jit returns
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,37 +37,72 @@ WORKERS = 2
 
 
 # ------------------------------------------------------------------------------ worker (subprocess) side
-def _launches(dtype_name: str):
-    """(label, Launch) of every launch of the forward and the backward with every feature on, for LoRA
-    factors in x's dtype and, for 16-bit x, in float32 (master weights). LLaMA-like shapes."""
+def _op_launches(dtype_name: str, arch, M=8192, K=4096, N=4096, r=16, S=40, tag="", mode="thin"):
+    """(label, Launch) of every launch of one forward and one backward with every feature on, planned for
+    `arch` (None: the pointer kernels), for LoRA factors in x's dtype and, for 16-bit x, in float32 (master
+    weights). Reductions and the thin GEMMs do not depend on the factors' dtype beyond the first pass."""
     import torch
 
     from esta_kernels.triton import stitched_linear as sl
 
     dt = getattr(torch, dtype_name.split("+")[0])
     torch.backends.cuda.matmul.allow_tf32 = dtype_name.endswith("+tf32")
-    M, K, N, r, S = 8192, 4096, 4096, 16, 40
 
     def mk(*shape, dtype=dt):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    x, w, b, dy = mk(M, K), mk(N, K), mk(N), mk(M, N)
-    ids = mk(M, dtype=torch.int64)
-    y, xa, g, dx = mk(M, N), mk(M, r, dtype=torch.float32), mk(M, r, dtype=torch.float32), mk(M, K)
+    x, w, b, dy, ids = mk(M, K), mk(N, K), mk(N), mk(M, N), mk(M, dtype=torch.int64)
     out = []
-    lora_dtypes = [dt] if dt == torch.float32 else [dt, torch.float32]
-    for ld in lora_dtypes:
+    for ld in ([dt] if dt == torch.float32 else [dt, torch.float32]):
         a, bb, sb = mk(r, K, dtype=ld), mk(N, r, dtype=ld), mk(S, N, dtype=ld)
-        tag = f"{dtype_name}/lora-{str(ld).replace('torch.', '')}"
-        out.append((f"{tag}/fwd-xa", sl.plan_gemm(x, a.t(), xa, thin=True, precision_dtype=dt)))
-        out.append((f"{tag}/fwd-y", sl.plan_gemm(x, w.t(), y, bias=b, xa=xa, up=bb.t(), stitch_bias=sb, ids=ids,
-                                                 lora_scale=2.0)))
-        out.append((f"{tag}/bwd-g", sl.plan_gemm(dy, bb, g, main_scale=2.0, thin=True, precision_dtype=dt)))
-        out.append((f"{tag}/bwd-dx", sl.plan_gemm(dy, w, dx, xa=g, up=a)))
-    # the reductions read x, dy, xa and g only: their dtypes do not depend on the LoRA factors'
-    out.append((f"{dtype_name}/bwd-dlora_b-dstitch",
-                sl.plan_row_reduce(dy, xa, ids=ids, num_stitches=S, scale=2.0, precision_dtype=dt)[0]))
-    out.append((f"{dtype_name}/bwd-dlora_a", sl.plan_row_reduce(g, x, precision_dtype=dt)[0]))
+        label = f"{dtype_name}/lora-{str(ld).replace('torch.', '')}{tag}"
+        fwd = sl.plan_forward(x, w, b, a, bb, sb, ids, 2.0, arch=arch, mode=mode)
+        bwd = sl.plan_backward(dy, x, w, a, bb, fwd.xa, ids, S, 2.0, [True] * 4, arch=arch)
+        for name, launch in fwd.launches + bwd.launches:
+            if ld != dt and name.startswith(("dlora", "xa", "g")) and launch.role != "tma_thin":
+                continue  # the same launch as with factors in x's dtype (the reductions read x, dy, xa, g)
+            out.append((f"{label}/{'fwd' if (name, launch) in fwd.launches else 'bwd'}-{name}", launch))
+    return out
+
+
+def _launches(dtype_name: str):
+    """The pointer-kernel launches (what sm_80, float32 and TMA-illegal strides run), LLaMA-like shapes."""
+    return _dedupe(_op_launches(dtype_name, None))
+
+
+def _hopper_launches():
+    """The Hopper path's launches (sm_90 only), every config: the LLaMA shape at r = 16 (both 16-bit dtypes,
+    factors in x's dtype and float32) and at r = 256, the ViT-B shape, and the fused-xa variant's main
+    kernel."""
+    out = []
+    for dtype_name in ("float16", "bfloat16"):
+        out += _op_launches(dtype_name, 90, tag="/hopper")
+    out += _op_launches("bfloat16", 90, r=256, tag="/hopper-r256")
+    out += _op_launches("bfloat16", 90, M=3152, K=768, N=2304, r=8, S=35, tag="/hopper-vit_b")
+    out += [(label, l) for label, l in _op_launches("bfloat16", 90, tag="/hopper-fused", mode="fused")
+            if "fwd-y" in label]
+    return _dedupe(out)
+
+
+def _dedupe(launches):
+    """Drops launches whose compiled form is the same as an earlier one's (same kernel, same specialized
+    signature and constexprs): the compile cache would serve them anyway."""
+    import torch
+
+    def spec(v):
+        if isinstance(v, torch.Tensor):
+            return str(v.dtype)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return ("int", v == 1, v % 16 == 0)
+        return repr(v) if v is None or isinstance(v, (bool, str)) else type(v).__name__
+
+    seen, out = set(), []
+    for label, launch in launches:
+        key = (launch.role, launch.tune, tuple(sorted(launch.meta.items())),
+               tuple((k, spec(v)) for k, v in sorted(launch.args.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append((label, launch))
     return out
 
 
@@ -105,6 +143,10 @@ def _kernel(launch):
     return lstsq._lstsq_accumulate_kernel if launch.role == "lstsq" else sl._KERNELS[launch.role]
 
 
+def _archs(launch):
+    return (90,) if launch.role.startswith("tma") else ARCHS
+
+
 def _configs(launch, arch):
     from esta_kernels.triton import lstsq
     from esta_kernels.triton import stitched_linear as sl
@@ -120,39 +162,13 @@ def _all_launches():
     out = []
     for dtype_name in DTYPES:
         out += _launches(dtype_name)
-    return out + _lstsq_launches()
-
-
-_TYPES = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
+    return out + _hopper_launches() + _lstsq_launches()
 
 
 def _ast_source(kernel, launch, config):
-    """ASTSource of one launch + config, specialized the way triton's launcher would (portable across the
-    triton 3.6-3.9 ASTSource API: signature by name, constants and attributes by argument path)."""
-    import torch
-    from triton.compiler import ASTSource
+    from esta_kernels.inspect import ast_source
 
-    meta = {**launch.meta, **config.kwargs}
-    unspecialized = {p.name for p in kernel.params if p.do_not_specialize}
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        value = meta[name] if name in meta else launch.args[name]
-        plain_int = isinstance(value, int) and not isinstance(value, bool)
-        if name in unspecialized and plain_int:
-            signature[name] = "i32" if -(2 ** 31) <= value < 2 ** 31 else "i64"
-        elif name in meta or value is None or (plain_int and value == 1):
-            signature[name] = "constexpr"
-            constexprs[(i,)] = value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TYPES[str(value.dtype).replace("torch.", "")]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32" if -(2 ** 31) <= value < 2 ** 31 else "i64"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return ast_source(kernel, launch.args, {**launch.meta, **config.kwargs})
 
 
 def _resource_usage(cubin: bytes):
@@ -178,7 +194,7 @@ def _resource_usage(cubin: bytes):
 def _jobs():
     jobs = []
     for label, launch in _all_launches():
-        for arch in ARCHS:
+        for arch in _archs(launch):
             jobs += [(label, arch, i) for i in range(len(_configs(launch, arch)))]
     return jobs
 
@@ -187,6 +203,8 @@ def _worker(shard: int, shards: int) -> None:
     """Compiles this shard's jobs and prints one JSON line per job."""
     import triton
     from triton.backends.compiler import GPUTarget
+
+    from esta_kernels.inspect import ptxas_usage
 
     launches = dict(_all_launches())
     for label, arch, i in _jobs()[shard::shards]:
@@ -202,8 +220,12 @@ def _worker(shard: int, shards: int) -> None:
             cubin = compiled.asm.get("cubin", b"")
             usage = _resource_usage(cubin) if cubin else None
             rec.update(ok=True, ptx=len(ptx), cubin=len(cubin), shared=int(compiled.metadata.shared),
-                       wgmma="wgmma" in ptx, mma="mma.sync" in ptx, regs=usage and usage[0],
-                       stack=usage and usage[1])
+                       wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                       tf32=bool(re.search(r"(wgmma|mma)[.\w]*\.tf32", ptx)), regs=usage and usage[0],
+                       stack=usage and usage[1], spills=None)
+            if launch.role.startswith("tma"):  # exact spill counts for the Hopper path (ptxas -v)
+                spill = ptxas_usage(ptx, arch)
+                rec["spills"] = None if spill["spill_stores"] is None else spill["spill_stores"] + spill["spill_loads"]
         except Exception as e:  # reported by the test, with the config that failed
             rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
         rec["seconds"] = round(time.time() - t0, 2)
@@ -244,9 +266,20 @@ def test_every_launch_compiles_for_sm80_and_sm90(tmp_path):
         if r["role"] == "gemm" and r["tune"].startswith("16bit"):
             # 16-bit main GEMMs must reach the tensor cores: wgmma on Hopper, mma.sync on Ampere
             assert r["wgmma"] if r["arch"] == 90 else r["mma"], f"{where}: no tensor-core MMA in the PTX"
-        if r["stack"] is not None and r["label"].split("/")[0] not in ("float32", "lstsq-float32"):
-            # float32 at full precision runs FMA loops that may spill a little; everything else may not
-            assert r["stack"] == 0, f"{where}: registers spill ({r['regs']} registers, {r['stack']} B stack)"
+        if r["stack"] is not None and not r["label"].startswith(("float32", "lstsq-float32")):
+            # float32 at full precision (the one-hot sums stay IEEE under TF32 too) runs FMA loops that may
+            # spill a little; everything else may not
+            assert r["stack"] == 0 and not r["spills"], \
+                f"{where}: registers spill ({r['regs']} registers, {r['stack']} B stack, {r['spills']} B spilled)"
+        if r["label"].split("/")[0] in ("float16", "bfloat16"):
+            assert not r["tf32"], f"{where}: a TF32 MMA for 16-bit activations"
+        if r["role"].startswith("tma"):
+            # the Hopper path: wgmma fed by TMA, every config without a spill (the configs are kept to those)
+            assert r["wgmma"] and r["tma"], f"{where}: wgmma {r['wgmma']}, TMA {r['tma']}"
+            assert r["spills"] == 0, f"{where}: {r['spills']} B spilled"
+    hopper = [r for r in records if r["role"].startswith("tma")]
+    assert len(hopper) >= 40 and any("r256" in r["label"] for r in hopper) and any(
+        "fused" in r["label"] for r in hopper), "too few Hopper-path launches compiled"
     print(f"\ncompiled {len(records)} launches (2 archs x every dtype x every config) in "
           f"{elapsed:.0f} s with {WORKERS} workers; slowest {max(r['seconds'] for r in records):.1f} s")
 

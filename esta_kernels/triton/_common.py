@@ -37,3 +37,9 @@ def device_info(index: int) -> Tuple[str, int]:
     """(arch family, multiprocessor count) of a CUDA device."""
     props = torch.cuda.get_device_properties(index)
     return arch_family(props.major), props.multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> Tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device."""
+    return torch.cuda.get_device_capability(index)
