@@ -14,15 +14,12 @@ import torch.nn.functional as F
 
 import esta_kernels
 from esta_kernels.reference import naive_stitched_linear
+from esta_kernels.shapes import SCALE, shape_by_name
 
 __all__ = ["SHAPES", "run_bench"]
 
-# name: (M, K, N, r, S)
-SHAPES = {
-    "vit-s": (12608, 384, 1152, 16, 35),
-    "vit-b": (12608, 768, 2304, 8, 35),
-    "llama": (512, 4096, 4096, 16, 6),
-}
+# `esta bench --shape` names -> the CPU benchmark's shapes (esta_kernels/shapes.py, the one source of shapes)
+SHAPES = {"vit-s": "vit_s_qkv_b64", "vit-b": "vit_b_qkv_b16", "llama": "llama7b_q_proj_m512"}
 
 
 def _time(fn, repeats: int, sync) -> float:
@@ -46,14 +43,15 @@ def run_bench(shape: str = "vit-s", *, backend: str = "auto", repeats: int = 20,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    M, K, N, r, S = SHAPES[shape]
+    spec = shape_by_name(SHAPES[shape])
+    M, K, N, r, S = spec.M, spec.K, spec.N, spec.r, spec.S
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def make(*s, scale=1.0):
         return (torch.randn(*s, generator=g) * scale).to(device, dtype)
 
     x = make(M, K).requires_grad_()
-    w, b = make(N, K, scale=K ** -0.5), make(N)
+    w, b = make(N, K, scale=K ** -0.5), (make(N) if spec.bias else None)
     la = make(r, K, scale=K ** -0.5).float().requires_grad_()
     lb = make(N, r, scale=0.1).float().requires_grad_()
     sb = make(S, N, scale=0.1).float().requires_grad_()
@@ -61,8 +59,9 @@ def run_bench(shape: str = "vit-s", *, backend: str = "auto", repeats: int = 20,
     dy = make(M, N)
     providers = {
         "F.linear": lambda: F.linear(x, w, b),
-        "naive composition": lambda: naive_stitched_linear(x, w, b, la, lb, sb, ids, scale=2.0),
-        f"esta ({esta_kernels.resolve_backend(backend, device)})": lambda: esta_kernels.stitched_linear(x, w, b, la, lb, sb, ids, scale=2.0, backend=backend),
+        "naive composition": lambda: naive_stitched_linear(x, w, b, la, lb, sb, ids, scale=SCALE),
+        f"esta ({esta_kernels.resolve_backend(backend, device)})": lambda: esta_kernels.stitched_linear(
+            x, w, b, la, lb, sb, ids, scale=SCALE, backend=backend),
     }
     lines = [f"stitched linear, {shape}: M={M} K={K} N={N} r={r} S={S}, {dtype}, {device}, median of {repeats}",
              f"{'provider':<24} {'forward ms':>11} {'ratio':>6} {'fwd+bwd ms':>11} {'ratio':>6}"]

@@ -15,8 +15,32 @@ BUILD_HINT = (
     "(needs a C++ compiler and ninja; set ESTA_BUILD_CUDA=1 for the CUDA kernels)"
 )
 
+# The schemas of the C++ operators, defined here and only here; the extension registers kernels for them
+# (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda), fakes and autograd are registered in _ops.py and
+# _lstsq_ops.py. Shapes and dtypes: docs/architecture.md ("The op contracts").
+#   stitched_linear: x (M, K), weight (N, K), bias (N,), lora_a (r, K), lora_b (N, r), stitch_bias (S, N),
+#     stitch_ids int64 of M elements or 1 (applied to every row). Returns y (M, N) in x's dtype and the LoRA
+#     intermediate x @ lora_a.T (M, r) in float32 (float64 for float64 inputs); (M, 0) without LoRA.
+#   stitched_linear_backward: gradients of x, lora_a, lora_b, stitch_bias, as output_mask asks (an output not
+#     asked for is returned empty); dx in x's dtype, the three others float32 (float64 for float64 inputs).
+#   lstsq_accumulate: one batch of the streaming least-squares init (esta_kernels/lstsq.py); h_in (n, d_in),
+#     h_out (n, d_out) of any float dtype, shifts (blocks, d) with one row per block of 1024 rows, or (d,);
+#     returns gram = [u, 1].T @ [u, 1] and cross = [u, 1].T @ v in float64 (u, v: the centred rows).
+SCHEMAS = {
+    "stitched_linear": "stitched_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, "
+                       "Tensor? stitch_bias, Tensor? stitch_ids, float scale) -> (Tensor, Tensor)",
+    "stitched_linear_backward": "stitched_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? lora_a, "
+                                "Tensor? lora_b, Tensor lora_xa, Tensor? stitch_ids, int num_stitches, float scale, "
+                                "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    "lstsq_accumulate": "lstsq_accumulate(Tensor h_in, Tensor h_out, Tensor shift_in, Tensor shift_out) "
+                        "-> (Tensor, Tensor)",
+}
+_LIB = torch.library.Library("esta", "DEF")  # kept alive for the process: the definitions live as long as it
+for _schema in SCHEMAS.values():
+    _LIB.define(_schema)
+
 try:
-    from esta_kernels import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+    from esta_kernels import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY_IMPL kernel registrations)
 
     HAS_EXTENSION = True
     EXTENSION_ERROR: str | None = None
@@ -43,24 +67,3 @@ def has_cpu_kernels() -> bool:
 def has_cuda_kernels() -> bool:
     """Whether the extension was built with CUDA kernels (whether or not a GPU is present)."""
     return _HAS_CUDA
-
-
-def define_schemas_without_extension() -> None:
-    """Without the extension, define the same schemas from Python so fakes and autograd still register."""
-    if HAS_EXTENSION or _LIBS:  # idempotent: each op module calls it before registering its fakes
-        return
-    lib = torch.library.Library("esta", "DEF")
-    lib.define(
-        "stitched_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, "
-        "Tensor? stitch_bias, Tensor? stitch_ids, float scale) -> (Tensor, Tensor)"
-    )
-    lib.define(
-        "stitched_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, "
-        "Tensor lora_xa, Tensor? stitch_ids, int num_stitches, float scale, bool[4] output_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor)"
-    )
-    lib.define("lstsq_accumulate(Tensor h_in, Tensor h_out, Tensor shift_in, Tensor shift_out) -> (Tensor, Tensor)")
-    _LIBS.append(lib)
-
-
-_LIBS: list = []

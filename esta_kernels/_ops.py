@@ -16,9 +16,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from esta_kernels import _ext
+from esta_kernels import _ext  # noqa: F401  (defines the schemas and loads the kernels)
 
-_ext.define_schemas_without_extension()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

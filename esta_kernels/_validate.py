@@ -1,4 +1,5 @@
-"""Argument checks shared by every backend of the stitched linear.
+"""Argument checks of the esta operators, shared by every backend: the stitched linear's, then the
+least-squares accumulation's.
 
 Shape errors raise ValueError, dtype errors TypeError, device mismatches ValueError, and stitch ids
 outside [-1, S) IndexError; every message names the argument.
@@ -201,3 +202,55 @@ def flat_ids(stitch_ids: torch.Tensor) -> torch.Tensor:
     """The 1-D int64 ids the ops take (a view when the ids already are contiguous int64; uint64 ids above
     2^63 - 1 saturate, see as_int64_ids)."""
     return as_int64_ids(stitch_ids.reshape(-1))
+
+
+# ------------------------------------------------------------------------------- esta::lstsq_accumulate
+# Rows per shift block of the least-squares accumulation, on every backend: row m of a batch is centred by
+# row m // SHIFT_BLOCK_ROWS of a 2-D shift (the float32 block sums never straddle two).
+SHIFT_BLOCK_ROWS = 1024
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def check_accumulate_args(h_in, h_out, shift_in, shift_out, backend: str) -> None:
+    """The op's contract, checked before dispatch so every backend raises the same clear errors:
+    ValueError for shapes and devices, TypeError for dtypes, each naming the argument."""
+    op = "lstsq_accumulate"
+    for name, t in (("h_in", h_in), ("h_out", h_out), ("shift_in", shift_in), ("shift_out", shift_out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("h_in", h_in), ("h_out", h_out)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    shift_dtypes = (torch.float32,) if backend in ("triton", "cuda") else (torch.float32, torch.float64)
+    for name, t in (("shift_in", shift_in), ("shift_out", shift_out)):
+        if t.dtype not in shift_dtypes:
+            allowed = " or ".join(_DTYPE_NAMES[d] for d in shift_dtypes)
+            raise TypeError(f"{op}: {name} must be {allowed} on the {backend} backend, got {t.dtype}")
+    if backend in ("triton", "cuda"):
+        for name, t in (("h_in", h_in), ("h_out", h_out)):
+            if t.dtype == torch.float64:
+                raise TypeError(f"{op}: the {backend} backend does not take float64 {name}; use 'cpu' or 'torch'")
+    if h_in.dim() != 2:
+        raise ValueError(f"{op}: h_in must be 2-D (n, d_in), got shape {tuple(h_in.shape)}")
+    if h_out.dim() != 2:
+        raise ValueError(f"{op}: h_out must be 2-D (n, d_out), got shape {tuple(h_out.shape)}")
+    if h_in.shape[0] != h_out.shape[0]:
+        raise ValueError(
+            f"{op}: h_in and h_out must have the same number of rows, got {h_in.shape[0]} and {h_out.shape[0]}"
+        )
+    if h_in.shape[1] < 1:
+        raise ValueError(f"{op}: h_in must have at least one feature (d_in >= 1), got shape {tuple(h_in.shape)}")
+    if h_out.shape[1] < 1:
+        raise ValueError(f"{op}: h_out must have at least one feature (d_out >= 1), got shape {tuple(h_out.shape)}")
+    blocks = -(-h_in.shape[0] // SHIFT_BLOCK_ROWS)
+    for name, t, h, x in (("shift_in", shift_in, h_in, "h_in"), ("shift_out", shift_out, h_out, "h_out")):
+        d = h.shape[1]
+        if t.shape != (d,) and t.shape != (blocks, d):
+            raise ValueError(
+                f"{op}: {name} must have shape ({d},) or ({blocks}, {d}) (one row per block of "
+                f"{SHIFT_BLOCK_ROWS} rows of {x}), got {tuple(t.shape)}"
+            )
+    dev = h_in.device
+    for name, t in (("h_out", h_out), ("shift_in", shift_in), ("shift_out", shift_out)):
+        if t.device != dev:
+            raise ValueError(f"{op}: all tensors must be on one device: h_in is on {dev}, {name} on {t.device}")

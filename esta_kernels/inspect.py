@@ -3,7 +3,7 @@
     python -m esta_kernels.inspect [--arch 90] [--json] [--dtype bfloat16] [--params fp32|same]
                                    [--shapes llama7b_q_proj,vit_b_qkv] [--all-configs]
 
-For each shape of bench/shapes.py (GPU_SHAPES; read from the checkout this package sits in), the forward's
+For each shape of esta_kernels/shapes.py (GPU_SHAPES, the GPU benchmark's), the forward's
 and the backward's launches are planned on meta tensors exactly as the op plans them on a GPU of the given
 arch (esta_kernels.triton.stitched_linear.plan_forward / plan_backward), each kernel is compiled by
 triton.compile for GPUTarget("cuda", arch, 32) with its first autotune configuration (every one with
@@ -22,7 +22,6 @@ subprocess), not under TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -38,16 +37,10 @@ _TYPES = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "
 
 # ----------------------------------------------------------------------------------------- shapes
 def bench_shapes():
-    """bench/shapes.py's GPU_SHAPES, loaded from the checkout this package lives in."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "bench", "shapes.py")
-    if not os.path.exists(path):
-        raise SystemExit(f"esta_kernels.inspect: {path} not found (run from a source checkout)")
-    spec = importlib.util.spec_from_file_location("_esta_bench_shapes", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod.GPU_SHAPES
+    """The GPU benchmark's shapes (esta_kernels.shapes.GPU_SHAPES)."""
+    from esta_kernels.shapes import GPU_SHAPES
+
+    return GPU_SHAPES
 
 
 # ---------------------------------------------------------------------------------------- launches
@@ -234,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--params", default="fp32", choices=("fp32", "same"),
                     help="LoRA factors and stitch bias in float32 (master weights, the default) or x's dtype")
-    ap.add_argument("--shapes", default=None, help="comma-separated bench/shapes.py GPU shape names")
+    ap.add_argument("--shapes", default=None, help="comma-separated GPU shape names (esta_kernels/shapes.py)")
     ap.add_argument("--all-configs", action="store_true", help="every autotune configuration, not the first")
     ap.add_argument("--xa", default="thin", choices=("thin", "fused"), help="how the forward makes xa")
     args = ap.parse_args(argv)

@@ -84,9 +84,10 @@ import torch
 from torch import Tensor
 
 from esta_kernels import _lstsq_ops
-from esta_kernels._lstsq_ops import ACCUMULATE_OPS, check_accumulate_args
+from esta_kernels._lstsq_ops import ACCUMULATE_OPS
 from esta_kernels.backends import BACKENDS, resolve_backend
-from esta_kernels.reference import SHIFT_BLOCK_ROWS, torch_lstsq_accumulate
+from esta_kernels._validate import FLOAT_DTYPES, SHIFT_BLOCK_ROWS, check_accumulate_args
+from esta_kernels.reference import torch_lstsq_accumulate
 
 EPS_FLOAT32 = 2.0 ** -24
 EPS_FLOAT64 = 2.0 ** -53
@@ -389,7 +390,7 @@ class StreamingLstsq:
         for name, t, width in (("h_in", h_in, self.in_features), ("h_out", h_out, self.out_features)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype not in _lstsq_ops.FLOAT_DTYPES:
+            if t.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"{where}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
             if t.dim() < 1 or t.shape[-1] != width:
                 raise ValueError(

@@ -8,11 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from esta_kernels._validate import as_int64_ids, check_ids_range
-
-# Rows per shift block of the least-squares accumulation (esta::lstsq_accumulate), on every backend: row m of
-# a batch is centred by row m // SHIFT_BLOCK_ROWS of a 2-D shift. The float32 block sums never straddle it.
-SHIFT_BLOCK_ROWS = 1024
+from esta_kernels._validate import SHIFT_BLOCK_ROWS, as_int64_ids, check_ids_range
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,6 @@
 """`python -m esta_kernels.inspect`: the static kernel report, compiled for sm_90 without a GPU.
 
-For the bfloat16 LLaMA q_proj and ViT-B qkv shapes (bench/shapes.py), with float32 master factors (the
+For the bfloat16 LLaMA q_proj and ViT-B qkv shapes (esta_kernels/shapes.py), with float32 master factors (the
 autocast training case) and with factors in x's dtype: the forward's main kernel and the backward's dx
 kernel use wgmma and TMA and spill nothing, and the d lora_b / d stitch_bias pass uses wgmma.
 """

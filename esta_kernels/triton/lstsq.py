@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from esta_kernels.reference import SHIFT_BLOCK_ROWS
+from esta_kernels._validate import SHIFT_BLOCK_ROWS
 from esta_kernels.triton._common import autotune_enabled, device_info, interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
