@@ -11,7 +11,8 @@
 
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
-#include <cutlass/gemm/collective/collective_mma.hpp>
+#include <cutlass/gemm/collective/collective_mma_decl.hpp>
+#include <cutlass/gemm/collective/sm80_mma_multistage.hpp>  // not collective_mma.hpp: it includes every arch's
 #include <cutlass/gemm/dispatch_policy.hpp>
 #include <cutlass/numeric_types.h>
 

@@ -8,15 +8,22 @@
 #include <atomic>
 #include <cstdint>
 
+// Only the Hopper parts of CUTLASS: the umbrella headers (collective_builder.hpp, gemm_universal.hpp) pull in
+// every architecture's collectives and kernels, which costs compile time on each of nvcc's passes.
 #include <cute/tensor.hpp>
 #include <cutlass/cluster_launch.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/device_kernel.h>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
 #include <cutlass/epilogue/fusion/sm90_visitor_tma_warpspecialized.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder_decl.hpp>
+#include <cutlass/gemm/collective/collective_mma_decl.hpp>
+#include <cutlass/gemm/collective/sm90_mma_tma_gmma_ss_warpspecialized.hpp>
+#include <cutlass/gemm/collective/builders/sm90_gmma_builder.inl>
 #include <cutlass/gemm/dispatch_policy.hpp>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/gemm/kernel/gemm_universal_decl.h>
+#include <cutlass/gemm/kernel/tile_scheduler.hpp>
+#include <cutlass/gemm/kernel/sm90_gemm_tma_warpspecialized_pingpong.hpp>
 #include <cutlass/kernel_hardware_info.hpp>
 #include <cutlass/numeric_types.h>
 
@@ -391,18 +398,21 @@ void launch(const GemmArgs& g, cudaStream_t stream) {
   const int M = static_cast<int>(g.M), N = static_cast<int>(g.N), K = static_cast<int>(g.k[0]);
   const int k2 = static_cast<int>(g.k[1]);
 
-  // Strides of the rank-3 (row, k, batch) views: K-major operands (ld, 1, 0); MN-major ones (1, ld, 0).
-  typename G::StrideA dA = make_stride(g.lda[0], Int<1>{}, int64_t(0));
-  typename G::StrideA dA2 = make_stride(g.lda[1], Int<1>{}, int64_t(0));
+  // Strides of the rank-3 (row, k, batch) views: K-major operands (ld, 1, .), MN-major ones (1, ld, .). The
+  // batch extent is 1; its stride is the packed one (rows * ld), as CUTLASS's own callers give, so that the TMA
+  // descriptors see an ordinary third dimension.
+  const int64_t M64 = g.M, N64 = g.N, K64 = g.k[0], K2_64 = g.k[1] > 0 ? g.k[1] : g.k[0];
+  typename G::StrideA dA = make_stride(g.lda[0], Int<1>{}, M64 * g.lda[0]);
+  typename G::StrideA dA2 = make_stride(g.lda[1], Int<1>{}, M64 * g.lda[1]);
   typename G::StrideB dB, dB2;
   if constexpr (kForward) {
-    dB = make_stride(g.ldb[0], Int<1>{}, int64_t(0));
-    dB2 = make_stride(g.ldb[1], Int<1>{}, int64_t(0));
+    dB = make_stride(g.ldb[0], Int<1>{}, N64 * g.ldb[0]);
+    dB2 = make_stride(g.ldb[1], Int<1>{}, N64 * g.ldb[1]);
   } else {
-    dB = make_stride(Int<1>{}, g.ldb[0], int64_t(0));
-    dB2 = make_stride(Int<1>{}, g.ldb[1], int64_t(0));
+    dB = make_stride(Int<1>{}, g.ldb[0], K64 * g.ldb[0]);
+    dB2 = make_stride(Int<1>{}, g.ldb[1], K2_64 * g.ldb[1]);
   }
-  typename G::StrideD dD = make_stride(g.ldo, Int<1>{}, int64_t(0));
+  typename G::StrideD dD = make_stride(g.ldo, Int<1>{}, M64 * g.ldo);
 
   typename G::CollectiveMainloop::Arguments mainloop{
       static_cast<T const*>(g.a[0]), dA, static_cast<T const*>(g.b[0]), dB,
