@@ -405,11 +405,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stitched_linear_backward_cuda(
   return {dx, da, db, ds};
 }
 
-// Launches of each GEMM kernel family since the extension was loaded: [Hopper TMA/wgmma, Ampere-class
-// mma.sync, SIMT]. The GPU tests read it to prove which kernels ran.
+// Launches of each GEMM kernel family since the extension was loaded, [Hopper TMA/wgmma, Ampere-class
+// mma.sync, SIMT], then 1 if the Hopper kernels were built (sm_90a) else 0. The GPU tests read it to prove
+// which kernels ran.
 std::vector<int64_t> cuda_gemm_path_counts() {
   const auto counts = esta_cuda::gemm_path_counts();
-  return {counts[0], counts[1], counts[2]};
+  return {counts[0], counts[1], counts[2], esta_cuda::built_with_sm90a() ? 1 : 0};
 }
 
 }  // namespace
