@@ -1,8 +1,8 @@
 """Build script for the esta_kernels._C extension.
 
 Switches (environment variables):
-  ESTA_BUILD_CUDA=auto|0|1   auto (default): build the CUDA sources when torch has CUDA and nvcc is
-                             found; 1: require them; 0: CPU ops only.
+  ESTA_BUILD_CUDA=auto|0|1   auto (default): build the CUDA sources when torch has CUDA, nvcc is found
+                             and the CUTLASS headers are installed; 1: require them; 0: CPU ops only.
   TORCH_CUDA_ARCH_LIST       CUDA targets, default "8.0;9.0". 9.0 compiles for sm_90a (wgmma, TMA and
                              setmaxnreg need the arch-specific target); other entries as torch reads them.
   MAX_JOBS                   parallel compile jobs; default bounded by cores and memory.
@@ -49,28 +49,28 @@ CUTLASS_VERSION = "4.2.0.0"
 
 
 def _cutlass_include():
-    """The include folder holding cutlass/ and cute/, or exits with a message naming the package."""
+    """(the include folder holding cutlass/ and cute/, None) or (None, why it is missing, naming the package)."""
     custom = os.environ.get("CUTLASS_PATH")
     if custom:
         inc = os.path.join(custom, "include")
         if not os.path.exists(os.path.join(inc, "cutlass", "cutlass.h")):
-            sys.exit(f"CUTLASS_PATH={custom!r} has no include/cutlass/cutlass.h")
-        return inc
+            return None, f"CUTLASS_PATH={custom!r} has no include/cutlass/cutlass.h"
+        return inc, None
     install = f"pip install --no-deps '{CUTLASS_PACKAGE}=={CUTLASS_VERSION}'"
     spec = importlib.util.find_spec("cutlass_library")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"ESTA_BUILD_CUDA=1 needs the CUTLASS headers of the package {CUTLASS_PACKAGE}=={CUTLASS_VERSION}, "
-                 f"which is not installed: {install} (or set CUTLASS_PATH to a CUTLASS source tree)")
+        return None, (f"the CUDA kernels need the CUTLASS headers of the package {CUTLASS_PACKAGE}=={CUTLASS_VERSION}, "
+                      f"which is not installed: {install} (or set CUTLASS_PATH to a CUTLASS source tree)")
     try:
         version = importlib.metadata.version(CUTLASS_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         version = None
     if version != CUTLASS_VERSION:
-        sys.exit(f"the CUDA kernels are built against {CUTLASS_PACKAGE}=={CUTLASS_VERSION}, found {version}: {install}")
+        return None, f"the CUDA kernels are built against {CUTLASS_PACKAGE}=={CUTLASS_VERSION}, found {version}: {install}"
     inc = os.path.join(list(spec.submodule_search_locations)[0], "source", "include")
     if not (os.path.exists(os.path.join(inc, "cutlass", "cutlass.h")) and os.path.exists(os.path.join(inc, "cute", "tensor.hpp"))):
-        sys.exit(f"{CUTLASS_PACKAGE} {version} has no headers under {inc}: reinstall it ({install})")
-    return inc
+        return None, f"{CUTLASS_PACKAGE} {version} has no headers under {inc}: reinstall it ({install})"
+    return inc, None
 
 
 def _cuda_arch_flags():
@@ -126,6 +126,14 @@ if build_cuda_flag == "1" and not (torch_has_cuda and nvcc_found):
         + ("this torch has no CUDA" if not torch_has_cuda else "nvcc was not found (set CUDA_HOME)")
     )
 build_cuda = build_cuda_flag == "1" or (build_cuda_flag == "auto" and torch_has_cuda and nvcc_found)
+cutlass_include = None
+if build_cuda:
+    cutlass_include, cutlass_missing = _cutlass_include()
+    if cutlass_missing and build_cuda_flag == "1":
+        sys.exit(f"ESTA_BUILD_CUDA=1: {cutlass_missing}")
+    if cutlass_missing:
+        print(f"esta: building without the CUDA kernels (ESTA_BUILD_CUDA=auto): {cutlass_missing}")
+        build_cuda = False
 
 cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
@@ -153,7 +161,7 @@ if build_cuda:
     ext = CUDAExtension(
         "esta_kernels._C",
         cpp_sources + cuda_sources,
-        include_dirs=[_cutlass_include()],
+        include_dirs=[cutlass_include],
         extra_compile_args={"cxx": cxx_flags + cuda_defines, "nvcc": nvcc_flags},
         extra_link_args=extra_link,
         define_macros=define_macros,
