@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from typing import Optional
 
-__all__ = ["cuda_kernel_report", "find_cuda_tool", "extension_path"]
+__all__ = ["cuda_kernel_report", "built_archs", "find_cuda_tool", "extension_path"]
 
 
 def find_cuda_tool(name: str) -> Optional[str]:
@@ -42,6 +42,16 @@ def extension_path() -> Optional[str]:
     """File of the built extension esta_kernels._C, or None when it is not built."""
     spec = importlib.util.find_spec("esta_kernels._C")
     return spec.origin if spec is not None else None
+
+
+def built_archs(path: Optional[str] = None) -> list:
+    """The GPU targets the extension holds code for, e.g. ['sm_80', 'sm_90a'] (empty for a CPU-only build)."""
+    path = path or extension_path()
+    cuobjdump = find_cuda_tool("cuobjdump")
+    if path is None or cuobjdump is None:
+        return []
+    done = subprocess.run([cuobjdump, "--list-elf", path], capture_output=True, text=True, check=False)
+    return sorted(set(re.findall(r"\.(sm_\d+a?)\.", done.stdout)))
 
 
 def _arch_names(arch: int) -> list:
