@@ -388,12 +388,12 @@ inline int sm_count(int device) {
   return n;
 }
 
-// Launches Gemm<D, kForward> on GemmArgs the dispatcher has checked: 16-bit operands, 16-byte aligned rows,
-// no split, alpha 1, one 16-bit output covering every column.
+// The kernel arguments of Gemm<D, kForward> for GemmArgs the dispatcher has checked: 16-bit operands,
+// 16-byte aligned rows, no split, alpha 1, one 16-bit output covering every column.
 template <Dtype D, bool kForward>
-void launch(const GemmArgs& g, cudaStream_t stream) {
+typename Gemm<D, kForward>::Kernel::Arguments make_arguments(const GemmArgs& g,
+                                                             const cutlass::KernelHardwareInfo& hw_info) {
   using G = Gemm<D, kForward>;
-  using Kernel = typename G::Kernel;
   using T = typename G::T;
   const int M = static_cast<int>(g.M), N = static_cast<int>(g.N), K = static_cast<int>(g.k[0]);
   const int k2 = static_cast<int>(g.k[1]);
@@ -438,14 +438,20 @@ void launch(const GemmArgs& g, cudaStream_t stream) {
   epilogue.ptr_D = static_cast<T*>(g.out);
   epilogue.dD = dD;
 
+  return {cutlass::gemm::GemmUniversalMode::kGemm, ProblemShape{M, N, K}, mainloop, epilogue, hw_info};
+}
+
+template <Dtype D, bool kForward>
+void launch(const GemmArgs& g, cudaStream_t stream) {
+  using Kernel = typename Gemm<D, kForward>::Kernel;
+  const int M = static_cast<int>(g.M), N = static_cast<int>(g.N), K = static_cast<int>(g.k[0]);
+  const int k2 = static_cast<int>(g.k[1]);
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   cutlass::KernelHardwareInfo hw_info;
   hw_info.device_id = device;
   hw_info.sm_count = sm_count(device);
-
-  typename Kernel::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm, ProblemShape{M, N, K}, mainloop,
-                                  epilogue, hw_info};
+  typename Kernel::Arguments args = make_arguments<D, kForward>(g, hw_info);
   TORCH_CHECK(Kernel::can_implement(args), "esta cuda backend: the Hopper GEMM cannot run ", M, " x ", N, " x ", K,
               " (+", k2, ") with these strides (an internal dispatch error)");
   TORCH_CHECK(Kernel::get_workspace_size(args) == 0, "esta cuda backend: the Hopper GEMM asks for a workspace");
