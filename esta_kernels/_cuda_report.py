@@ -155,7 +155,8 @@ def cuda_kernel_report(arch: int = 90, path: Optional[str] = None) -> list:
     name (demangled when c++filt is found), mangled, kind (hopper_forward, hopper_dgrad, ampere_gemm,
     simt_gemm, ..., other), dtype, arch, registers, stack_bytes, local_bytes, shared_bytes (static),
     hgmma, utmaldg, hmma (instruction counts), uses_hgmma, uses_tma, spill_instructions (LDL + STL) and
-    spills (any local memory or spill instruction).
+    spills: any local memory or LDL/STL instruction (register spills, a local array, or the stack buffer of a
+    printf's arguments: check_ids_kernel, the one kernel that prints, shows True for that reason).
 
     Raises RuntimeError when the extension has no CUDA code for that architecture or cuobjdump is missing.
     """
