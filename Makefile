@@ -10,6 +10,10 @@ TORCH_SPEC ?= torch==2.14.1
 # torchvision 0.29.1 is the build that matches torch 2.14.1 (timm needs it; tests build small timm ViTs)
 DEPS := "$(TORCH_SPEC)" "torchvision==0.29.1" timm "triton>=3.6,<3.10" numpy "pytest>=8" "pytest-benchmark>=4" \
 	ninja "setuptools>=64" wheel safetensors tqdm matplotlib scikit-learn
+# The CUDA kernels are built on CUTLASS 3 / CuTe, whose headers ship in this package (setup.py finds them there;
+# pinned: the kernels are written against this release). --no-deps: only the headers are used, not its Python
+# API, whose dependencies (cuda-python, ...) the build does not need.
+CUTLASS_SPEC ?= nvidia-cutlass==4.2.0.0
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py
 
 .PHONY: all venv build test bench demo clean
@@ -18,6 +22,7 @@ all: test
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q $(DEPS)
+	$(VPY) -m pip install -q --no-deps "$(CUTLASS_SPEC)"
 	touch $@
 
 venv: $(VENV)/.deps-installed

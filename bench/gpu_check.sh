@@ -63,6 +63,15 @@ if [ "$DRY" = 0 ]; then
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   fi
   export TORCH_CUDA_ARCH_LIST
+  # The CUDA kernels need the CUTLASS headers of the pinned nvidia-cutlass (setup.py names it when missing).
+  # The GPU host has no network: install the wheel carried in .whl/ (or set CUTLASS_PATH to a CUTLASS tree).
+  if [ -z "${CUTLASS_PATH:-}" ] && ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)" 2>/dev/null; then
+    for whl in .whl/nvidia_cutlass-*.whl; do
+      [ -e "$whl" ] || continue
+      echo "-- installing $whl (CUTLASS headers)"
+      PIP_BREAK_SYSTEM_PACKAGES=1 "$PYTHON" -m pip install -q --no-deps --no-index "$whl" || echo "   failed to install $whl"
+    done
+  fi
   echo "-- build: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST ESTA_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e ."
   t=$(now)
   # PIP_BREAK_SYSTEM_PACKAGES: the host's python3 may be marked externally managed; this host is throwaway

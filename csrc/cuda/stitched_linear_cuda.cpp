@@ -1,9 +1,11 @@
-// The `cuda` backend of esta::stitched_linear and esta::stitched_linear_backward: argument checks, the
-// stitch-id validation, operand preparation and the kernel launches (stitched_linear_kernels.cu).
+// The `cuda` backend of esta::stitched_linear and esta::stitched_linear_backward: argument checks, operand
+// preparation and the plan of GEMMs of each op (stitched_linear_kernels.cuh picks the kernel of each).
 // Design: csrc/cuda/README.md.
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,10 +18,9 @@
 namespace {
 
 using at::Tensor;
-using esta_cuda::BLayout;
 using esta_cuda::Dtype;
 using esta_cuda::GemmArgs;
-using esta_cuda::RowReduceArgs;
+using esta_cuda::Major;
 
 constexpr const char* kFwd = "esta::stitched_linear (cuda)";
 constexpr const char* kBwd = "esta::stitched_linear_backward (cuda)";
@@ -51,20 +52,6 @@ void check_param_dtype(const char* op, const char* name, const Tensor& t, const 
                    " must be ", x.scalar_type(), " or float32, got ", t.scalar_type());
 }
 
-// The tensor cores' bfloat16 path and cp.async need sm_80; the kernels are built for sm_80 and sm_90.
-// A GEMM of M x N outputs reading a (M, k) and b (N, k) row-major (one reduction segment).
-GemmArgs gemm_args(int64_t M, int64_t N, const Tensor& a, const Tensor& b, int64_t k) {
-  GemmArgs g;
-  g.M = M;
-  g.N = N;
-  g.a[0] = a.data_ptr();
-  g.lda[0] = a.stride(0);
-  g.b[0] = b.data_ptr();
-  g.ldb[0] = b.stride(0);
-  g.k[0] = k;
-  return g;
-}
-
 // Checks lora_a (r, K) and lora_b (N, r) (both or neither) and returns r (0 without LoRA).
 int64_t check_lora(const char* op, const std::optional<Tensor>& lora_a, const std::optional<Tensor>& lora_b,
                    const Tensor& x, int64_t K, int64_t N) {
@@ -83,6 +70,7 @@ int64_t check_lora(const char* op, const std::optional<Tensor>& lora_a, const st
   return r;
 }
 
+// The tensor cores' bfloat16 path and cp.async need sm_80; the kernels are built for TORCH_CUDA_ARCH_LIST.
 void check_capability(const char* op, c10::DeviceIndex device) {
   static std::array<int, 64> major_of{};  // 0 = not asked yet; devices are few and their capability fixed
   int major = device < 64 ? major_of[device] : 0;
@@ -94,17 +82,6 @@ void check_capability(const char* op, c10::DeviceIndex device) {
               static_cast<int>(device), " has ", major, ".x; use backend='triton' or 'torch'");
 }
 
-// Row-major with unit column stride, as the kernels read it; anything else is copied once.
-Tensor row_major(const Tensor& t) {
-  if (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1) && t.stride(0) >= 0) return t;
-  return t.contiguous();
-}
-
-// The LoRA operands in the operand dtype (float32 masters are rounded once here; they are (r, K) and (N, r)).
-Tensor in_dtype(const Tensor& t, const Tensor& x) { return t.to(x.scalar_type()).contiguous(); }
-
-int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
-
 void check_ids(const char* op, const Tensor& ids, const Tensor& x, int64_t M) {
   check_on_device(op, "stitch_ids", ids, x);
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, op, ": stitch_ids must be int64, got ", ids.scalar_type());
@@ -112,21 +89,79 @@ void check_ids(const char* op, const Tensor& ids, const Tensor& x, int64_t M) {
                     ": stitch_ids must be 1-D with M = ", M, " elements or 1 element, got shape ", ids.sizes());
 }
 
-// Policy for out-of-range stitch ids: one aminmax over the ids and a copy of its two numbers to the host,
-// which waits for the stream (a sync per call that has ids). It runs before any output is written, so a bad
-// id raises IndexError and leaves nothing half-done. While the stream is being captured into a CUDA graph no
-// sync is allowed, so the check is skipped; the kernels then treat such ids as -1 (no stitch bias) and never
-// form an address from them.
-void validate_ids(const Tensor& ids, int64_t num_stitches, cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  if (status != cudaStreamCaptureStatusNone || ids.numel() == 0) return;
-  auto [lo, hi] = at::aminmax(ids);
-  const Tensor both = at::stack({lo, hi}).cpu();
-  const int64_t lo_v = both[0].item<int64_t>(), hi_v = both[1].item<int64_t>();
-  const int64_t bad = lo_v < -1 ? lo_v : hi_v;
-  TORCH_CHECK_INDEX(lo_v >= -1 && hi_v < num_stitches, "stitched_linear: stitch id ", bad, " is outside [-1, ",
-                    num_stitches, ") (S = ", num_stitches, " stitch-bias rows)");
+int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Row-major with unit column stride, as the kernels read it; a 16-bit matrix whose rows could be read in
+// 16-byte vectors (a multiple of 8 columns) but start unaligned (an offset view, a padded stride) is copied
+// once, so that it reaches the tensor cores rather than the SIMT fallback.
+Tensor kernel_operand(const Tensor& t) {
+  Tensor out = t;
+  if (!(t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1) && t.stride(0) >= 0)) out = t.contiguous();
+  if (out.scalar_type() != at::kFloat && out.size(1) % 8 == 0 && out.numel() > 0 &&
+      (!aligned16(out) || out.stride(0) % 8 != 0)) {
+    out = out.clone(at::MemoryFormat::Contiguous);
+  }
+  return out;
+}
+
+// A LoRA factor in the operand dtype, contiguous, 16-byte aligned, zero-padded to rows x cols (float32
+// masters are rounded once here; the factors are (r, K) and (N, r)). The zero rows of lora_a and columns
+// of lora_b make the padded rank columns of xa and g exactly zero, so the second reduction segment can run
+// over r rounded up to 8.
+Tensor lora_operand(const Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols) {
+  Tensor out = t.to(dtype);
+  if (rows > t.size(0) || cols > t.size(1)) {
+    out = at::constant_pad_nd(out, {0, cols - t.size(1), 0, rows - t.size(0)});
+  }
+  out = out.contiguous();
+  if (!aligned16(out)) out = out.clone(at::MemoryFormat::Contiguous);
+  return out;
+}
+
+// A GEMM of M x N outputs over segment 0: A (M, k) and B (N, k) stored as a_major and b_major.
+GemmArgs gemm_args(int64_t M, int64_t N, Major a_major, const Tensor& a, int64_t lda, Major b_major, const Tensor& b,
+                   int64_t ldb, int64_t k) {
+  GemmArgs g;
+  g.M = M;
+  g.N = N;
+  g.a_major = a_major;
+  g.b_major = b_major;
+  g.a[0] = a.data_ptr();
+  g.lda[0] = lda;
+  g.b[0] = b.data_ptr();
+  g.ldb[0] = ldb;
+  g.k[0] = k;
+  return g;
+}
+
+// Rows per split of a reduction over `rows` rows into an (I, J) output: about two waves of 128 x 128 tiles
+// on the GPUs we target, at least 256 rows a split. Depends on the shapes only, so the reductions (and
+// their fixed-order sums) are bitwise reproducible. 0: one split.
+int64_t split_rows(int64_t rows, int64_t I, int64_t J) {
+  const int64_t tiles = ((I + 127) / 128) * ((J + 127) / 128);
+  int64_t splits = (256 + tiles - 1) / std::max<int64_t>(tiles, 1);
+  splits = std::min(splits, (rows + 255) / 256);
+  if (splits <= 1) return 0;
+  const int64_t chunk = ((rows + splits - 1) / splits + 63) / 64 * 64;
+  return chunk >= rows ? 0 : chunk;
+}
+
+// out (I, J) float32 partials per split of sum over rows m of P[m, i] * Q[m, j] (P (rows, I) and Q (rows, J)
+// row-major, both stored "MN-major" for the GEMM); returns the workspace (splits, I, J) and sets *splits.
+Tensor split_reduction(Dtype dt, const Tensor& p, const Tensor& q, int64_t rows, int64_t I, int64_t J,
+                       int64_t* splits, cudaStream_t stream) {
+  GemmArgs g = gemm_args(I, J, Major::kMN, p, p.stride(0), Major::kMN, q, q.stride(0), rows);
+  g.k_chunk = split_rows(rows, I, J);
+  *splits = g.k_chunk > 0 ? (rows + g.k_chunk - 1) / g.k_chunk : 1;
+  Tensor ws = at::empty({*splits, I, J}, p.options().dtype(at::kFloat));
+  g.out = ws.data_ptr();
+  g.ldo = J;
+  g.out_f32 = true;
+  g.split_stride = I * J;
+  esta_cuda::launch_gemm(dt, g, stream);
+  return ws;
 }
 
 std::tuple<Tensor, Tensor> stitched_linear_cuda(const Tensor& x, const Tensor& weight,
@@ -164,57 +199,67 @@ std::tuple<Tensor, Tensor> stitched_linear_cuda(const Tensor& x, const Tensor& w
   const c10::cuda::CUDAGuard guard(x.device());
   check_capability(kFwd, x.device().index());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  const int64_t S = stitch_bias ? stitch_bias->size(0) : 0;
-  if (use_stitch) validate_ids(*stitch_ids, S, stream);
 
   Tensor y = at::empty({M, N}, x.options());
   Tensor xa = at::empty({M, r}, x.options().dtype(at::kFloat));
   if (M == 0) return {y, xa};
   const Dtype dt = kernel_dtype(x.scalar_type());
-  const Tensor xc = row_major(x), wc = row_major(weight);
+  const Tensor xc = kernel_operand(x), wc = kernel_operand(weight);
 
-  GemmArgs main = gemm_args(M, N, xc, wc, K);
+  GemmArgs main = gemm_args(M, N, Major::kK, xc, xc.stride(0), Major::kK, wc, wc.stride(0), K);
 
-  Tensor a_lp, b_lp, xa_lp, bias_c, sb_c, ids_c;
+  Tensor a_lp, b_lp, xa_lp, bias_c, sb_c;
   if (r > 0) {
-    // xa = x @ A.T in float32 (saved for backward), and scale * xa in the operand dtype: the second
-    // reduction segment of the main GEMM, so the up-projection runs on the tensor cores with W's product.
-    a_lp = in_dtype(*lora_a, x);
-    b_lp = in_dtype(*lora_b, x);
-    const int64_t r_pad = round_up8(r);  // 16-byte rows, so the main GEMM reads it with cp.async
+    // xa = x @ A.T in float32 (saved for backward), and scale * xa in the operand dtype: the second reduction
+    // segment of the main GEMM, so the up-projection runs on the tensor cores in W's accumulator.
+    const int64_t r_pad = round_up8(r);
+    a_lp = lora_operand(*lora_a, x.scalar_type(), r_pad, K);
+    b_lp = lora_operand(*lora_b, x.scalar_type(), N, r_pad);
     xa_lp = at::empty({M, r_pad}, x.options());
-    GemmArgs down = gemm_args(M, r, xc, a_lp, K);
+    GemmArgs down = gemm_args(M, r_pad, Major::kK, xc, xc.stride(0), Major::kK, a_lp, K, K);
     down.out = xa.data_ptr();
     down.ldo = r;
+    down.out_n = r;
     down.out_f32 = true;
     down.out2 = xa_lp.data_ptr();
     down.ldo2 = r_pad;
     down.alpha2 = static_cast<float>(scale);
-    esta_cuda::launch_gemm(dt, BLayout::kNK, down, stream);
+    esta_cuda::launch_gemm(dt, down, stream);
 
     main.a[1] = xa_lp.data_ptr();
     main.lda[1] = r_pad;
     main.b[1] = b_lp.data_ptr();
-    main.ldb[1] = b_lp.stride(0);
-    main.k[1] = r;
+    main.ldb[1] = r_pad;
+    main.k[1] = r_pad;
   }
   if (bias) {
     bias_c = bias->contiguous();
     main.bias = bias_c.data_ptr();
   }
-  if (use_stitch && S > 0) {
-    sb_c = stitch_bias->contiguous();
-    ids_c = *stitch_ids;
+  long long* id_error = nullptr;
+  if (use_stitch) {
+    // Ids are checked on the device: the kernels record an id outside [-1, S) and launch_check_ids turns it
+    // into a device-side assertion, without a host sync (and the same under CUDA-graph capture).
+    id_error = esta_cuda::id_error_slot();
+    sb_c = stitch_bias->stride(-1) == 1 ? *stitch_bias : stitch_bias->contiguous();
     main.stitch_bias = sb_c.data_ptr();
     main.stitch_dtype = kernel_dtype(sb_c.scalar_type());
-    main.ld_stitch = sb_c.stride(0);
-    main.num_stitches = S;
-    main.ids = ids_c.data_ptr<int64_t>();
-    main.ids_stride = ids_c.numel() == 1 ? 0 : ids_c.stride(0);
+    main.ld_stitch = sb_c.size(0) > 1 ? sb_c.stride(0) : N;
+    main.num_stitches = sb_c.size(0);
+    main.ids = stitch_ids->data_ptr<int64_t>();
+    main.ids_stride = stitch_ids->numel() == 1 ? 0 : stitch_ids->stride(0);
+    main.id_error = id_error;
   }
   main.out = y.data_ptr();
   main.ldo = N;
-  esta_cuda::launch_gemm(dt, BLayout::kNK, main, stream);
+  esta_cuda::launch_gemm(dt, main, stream);
+  if (use_stitch) {
+    if (N == 0) {  // no epilogue read the ids
+      esta_cuda::launch_scan_ids(main.ids, stitch_ids->numel(), stitch_ids->numel() == 1 ? 0 : stitch_ids->stride(0),
+                                 main.num_stitches, id_error, stream);
+    }
+    esta_cuda::launch_check_ids(id_error, stream);
+  }
   return {y, xa};
 }
 
@@ -250,7 +295,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stitched_linear_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   check_capability(kBwd, x.device().index());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  if (use_ids) validate_ids(*stitch_ids, num_stitches, stream);
 
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor dx = need_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
@@ -266,99 +310,114 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stitched_linear_backward_cuda(
   if (need_ds && !use_ids) ds.zero_();  // no ids: no row picks a stitch
 
   const Dtype dt = kernel_dtype(x.scalar_type());
-  const Tensor dyc = row_major(grad_y);
-  const Tensor xc = row_major(x);
-
-  // g = scale * dy @ B (M, r): float32 for d lora_a, and in the operand dtype as the second reduction
-  // segment of dx = [dy | g] @ [W ; A].
-  Tensor b_lp, a_lp, g, g_lp;
+  const Tensor dyc = kernel_operand(grad_y);
   const int64_t r_pad = round_up8(r);
+
+  // g = scale * dy @ B (M, r_pad) in the operand dtype: the second reduction segment of dx = [dy | g] @ [W ; A]
+  // and the right-hand side of d lora_a (its padded columns are zero).
+  Tensor g;
   if (r > 0 && (need_dx || need_da)) {
-    b_lp = in_dtype(*lora_b, x);
-    GemmArgs gg = gemm_args(M, r, dyc, b_lp, N);
+    const Tensor b_lp = lora_operand(*lora_b, x.scalar_type(), N, r_pad);
+    g = at::empty({M, r_pad}, x.options());
+    GemmArgs gg = gemm_args(M, r_pad, Major::kK, dyc, dyc.stride(0), Major::kMN, b_lp, r_pad, N);
     gg.alpha = static_cast<float>(scale);
-    if (need_da) {
-      g = at::empty({M, r}, f32);
-      gg.out = g.data_ptr();
-      gg.ldo = r;
-      gg.out_f32 = true;
-    }
-    if (need_dx) {
-      g_lp = at::empty({M, r_pad}, x.options());
-      gg.out2 = g_lp.data_ptr();
-      gg.ldo2 = r_pad;
-    }
-    esta_cuda::launch_gemm(dt, BLayout::kKN, gg, stream);
+    gg.out2 = g.data_ptr();
+    gg.ldo2 = r_pad;
+    esta_cuda::launch_gemm(dt, gg, stream);
   }
 
   if (need_dx) {
-    const Tensor wc = row_major(weight);
-    GemmArgs d = gemm_args(M, K, dyc, wc, N);
+    const Tensor wc = kernel_operand(weight);
+    Tensor a_lp;
+    GemmArgs d = gemm_args(M, K, Major::kK, dyc, dyc.stride(0), Major::kMN, wc, wc.stride(0), N);
     if (r > 0) {
-      a_lp = in_dtype(*lora_a, x);
-      d.a[1] = g_lp.data_ptr();
+      a_lp = lora_operand(*lora_a, x.scalar_type(), r_pad, K);
+      d.a[1] = g.data_ptr();
       d.lda[1] = r_pad;
       d.b[1] = a_lp.data_ptr();
-      d.ldb[1] = a_lp.stride(0);
-      d.k[1] = r;
+      d.ldb[1] = K;
+      d.k[1] = r_pad;
     }
     d.out = dx.data_ptr();
     d.ldo = K;
-    esta_cuda::launch_gemm(dt, BLayout::kKN, d, stream);
+    esta_cuda::launch_gemm(dt, d, stream);
   }
 
-  if (need_da) {
-    // d lora_a (r, K) = g.T @ x, computed as its transpose x.T @ g so x is the wide operand.
-    RowReduceArgs ra;
-    ra.M = M;
-    ra.I = K;
-    ra.J = r;
-    ra.p = xc.data_ptr();
-    ra.ldp = xc.stride(0);
-    ra.q = g.data_ptr<float>();
-    ra.ldq = r;
-    ra.out = da.data_ptr<float>();
-    ra.transpose_out = true;
-    if (K > 0) {
-      Tensor ws = at::empty({esta_cuda::row_reduce_workspace_floats(ra)}, f32);
-      esta_cuda::launch_row_reduce(dt, ra, ws.data_ptr<float>(), stream);
-    } else {
-      da.zero_();
+  if (need_da && K > 0) {
+    // d lora_a (r, K) = g.T @ x, computed as x.T @ g (K, r_pad) split over rows, summed transposed.
+    const Tensor xc = kernel_operand(x);
+    int64_t splits = 0;
+    const Tensor ws = split_reduction(dt, xc, g, M, K, r_pad, &splits, stream);
+    esta_cuda::SplitSumArgs sum;
+    sum.ws = ws.data_ptr<float>();
+    sum.splits = splits;
+    sum.I = K;
+    sum.J = r_pad;
+    sum.out_a = da.data_ptr<float>();
+    sum.cols_a = r;
+    sum.ld_a = K;
+    sum.transpose_a = true;
+    esta_cuda::launch_split_sum(sum, stream);
+  }
+
+  if ((need_db || use_ids) && N > 0) {
+    // d lora_b (N, r) and d stitch_bias (S, N) from one pass over dy: dy.T @ [scale * xa | onehot(ids)].
+    const int64_t q_r = need_db ? r : 0, q_s = use_ids ? num_stitches : 0, ldq = round_up8(q_r + q_s);
+    long long* id_error = use_ids ? esta_cuda::id_error_slot() : nullptr;
+    Tensor xa_c = need_db ? lora_xa.to(at::kFloat).contiguous() : Tensor();
+    Tensor q = at::empty({M, ldq}, x.options());
+    esta_cuda::OnehotArgs oh;
+    oh.M = M;
+    oh.r = q_r;
+    oh.S = q_s;
+    oh.ldq = ldq;
+    oh.xa = need_db ? xa_c.data_ptr<float>() : nullptr;
+    oh.ldxa = q_r;
+    oh.scale = static_cast<float>(scale);
+    if (use_ids) {
+      oh.ids = stitch_ids->data_ptr<int64_t>();
+      oh.ids_stride = stitch_ids->numel() == 1 ? 0 : stitch_ids->stride(0);
+      oh.id_error = id_error;
     }
-  }
-
-  if (need_db || use_ids) {
-    // d lora_b (N, r) = scale * dy.T @ xa and d stitch_bias (S, N) in one pass over dy.
-    Tensor xa_c, ids_c;
-    RowReduceArgs rb;
-    rb.M = M;
-    rb.I = N;
-    rb.p = dyc.data_ptr();
-    rb.ldp = dyc.stride(0);
-    rb.alpha = static_cast<float>(scale);
+    oh.q = q.data_ptr();
+    esta_cuda::launch_build_lora_onehot(dt, oh, stream);
+    int64_t splits = 0;
+    const Tensor ws = split_reduction(dt, dyc, q, M, N, ldq, &splits, stream);
+    esta_cuda::SplitSumArgs sum;
+    sum.ws = ws.data_ptr<float>();
+    sum.splits = splits;
+    sum.I = N;
+    sum.J = ldq;
     if (need_db) {
-      xa_c = lora_xa.to(at::kFloat).contiguous();
-      rb.J = r;
-      rb.q = xa_c.data_ptr<float>();
-      rb.ldq = r;
-      rb.out = db.data_ptr<float>();
+      sum.out_a = db.data_ptr<float>();
+      sum.cols_a = r;
+      sum.ld_a = r;
     }
     if (use_ids) {
-      ids_c = *stitch_ids;
-      rb.ids = ids_c.data_ptr<int64_t>();
-      rb.ids_stride = ids_c.numel() == 1 ? 0 : ids_c.stride(0);
-      rb.num_stitches = num_stitches;
-      rb.stitch_out = ds.data_ptr<float>();
+      sum.out_b = ds.data_ptr<float>();
+      sum.cols_b = num_stitches;
+      sum.ld_b = N;
+      sum.transpose_b = true;
     }
-    if (N > 0) {
-      Tensor ws = at::empty({esta_cuda::row_reduce_workspace_floats(rb)}, f32);
-      esta_cuda::launch_row_reduce(dt, rb, ws.data_ptr<float>(), stream);
-    }
+    esta_cuda::launch_split_sum(sum, stream);
+    if (use_ids) esta_cuda::launch_check_ids(id_error, stream);
   }
   return {dx, da, db, ds};
 }
 
+// Launches of each GEMM kernel family since the extension was loaded, [Hopper TMA/wgmma, Ampere-class
+// mma.sync, SIMT], then 1 if the Hopper kernels were built (sm_90a) else 0. The GPU tests read it to prove
+// which kernels ran.
+std::vector<int64_t> cuda_gemm_path_counts() {
+  const auto counts = esta_cuda::gemm_path_counts();
+  return {counts[0], counts[1], counts[2], esta_cuda::built_with_sm90a() ? 1 : 0};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(esta, m) {
+  m.def("_cuda_gemm_path_counts() -> int[]", &cuda_gemm_path_counts);
+}
 
 TORCH_LIBRARY_IMPL(esta, CUDA, m) {
   m.impl("stitched_linear", &stitched_linear_cuda);
