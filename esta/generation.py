@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from esta.hf import cache_keyword, mask_positions, segment_cache
 from esta.model import StitchableModel
 
-__all__ = ["generate"]
+__all__ = ["generate", "generate_text"]
 
 _NEG = -1.0e9  # the score of an impossible beam (finite, so sums stay ordered)
 
@@ -356,3 +356,31 @@ def generate(module_or_model: nn.Module, input_ids: Tensor, *, stitch: Optional[
         out = _beam_search(runner, ids, mask, max_new_tokens, num_beams, length_penalty, do_sample, temperature,
                            top_k, top_p, eos, pad, generator)
     return out.to(input_ids.device)
+
+
+def generate_text(module_or_model: nn.Module, tokenizer, prompts: Union[str, Sequence[str]], *,
+                  stitch: Optional[int] = None, **options) -> List[str]:
+    """The continuations of `prompts` (a string or a list), decoded without special tokens.
+
+    The prompts are tokenized one by one and padded on the left (the tokenizer's pad token, else its eos);
+    `options` are those of `generate` (eos_token_id / pad_token_id default to the tokenizer's)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("generate_text: prompts must be a string or a non-empty list of strings")
+    if not callable(tokenizer) or not hasattr(tokenizer, "batch_decode"):
+        raise TypeError(f"generate_text: tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    if any(len(e) == 0 for e in encoded):
+        raise ValueError("generate_text: a prompt encodes to no token")
+    width = max(len(e) for e in encoded)
+    input_ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in encoded], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=torch.long)
+    if tokenizer.eos_token_id is not None:
+        options.setdefault("eos_token_id", tokenizer.eos_token_id)
+    options.setdefault("pad_token_id", pad)
+    out = generate(module_or_model, input_ids, stitch=stitch, attention_mask=mask, **options)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
