@@ -26,6 +26,16 @@ VOCAB = 61
 IMPLS = ("eager", "sdpa")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the models are tiny: on a loaded machine, OpenMP's barriers cost more than the work (sdpa: 0.1 ms on one
+    # thread, 20 ms on two)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(cls, hidden, layers, heads, kv_heads, impl, vocab=VOCAB, **kw):
     config = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 6, num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
