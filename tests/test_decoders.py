@@ -212,8 +212,8 @@ def test_mistral_window_is_in_force():
 def test_mixed_attention_layer_types_are_refused():
     config = _config(Qwen2Config, 32, 4, 4, 2, "sdpa", use_sliding_window=True, sliding_window=4,
                      max_window_layers=2)
-    if len(set(config.layer_types)) < 2:
-        pytest.skip("this transformers version does not mix layer types for this config")
+    if len(set(getattr(config, "layer_types", None) or ())) < 2:  # transformers < 4.53 has no layer types
+        pytest.skip(f"transformers {transformers.__version__} gives this config no mixed layer types")
     with pytest.raises(NotImplementedError, match="mixes attention layer types"):
         HFCausalLMAnchor(Qwen2ForCausalLM(config))
 
