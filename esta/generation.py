@@ -360,7 +360,8 @@ def generate(module_or_model: nn.Module, input_ids: Tensor, *, stitch: Optional[
 
 def generate_text(module_or_model: nn.Module, tokenizer, prompts: Union[str, Sequence[str]], *,
                   stitch: Optional[int] = None, **options) -> List[str]:
-    """The continuations of `prompts` (a string or a list), decoded without special tokens.
+    """The continuations of `prompts` (a string or a list), decoded without special tokens (with the space
+    that separates them from the prompt, so `prompt + continuation` reads as one text).
 
     The prompts are tokenized one by one and padded on the left (the tokenizer's pad token, else its eos);
     `options` are those of `generate` (eos_token_id / pad_token_id default to the tokenizer's)."""
@@ -383,4 +384,13 @@ def generate_text(module_or_model: nn.Module, tokenizer, prompts: Union[str, Seq
         options.setdefault("eos_token_id", tokenizer.eos_token_id)
     options.setdefault("pad_token_id", pad)
     out = generate(module_or_model, input_ids, stitch=stitch, attention_mask=mask, **options)
-    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    texts = []
+    for row, prompt_ids in zip(out, encoded):
+        # decode prompt and continuation together, then cut the prompt's text off: tokenizers that merge a
+        # leading space into a token (SentencePiece, byte-level BPE) would lose it decoding the new tokens alone
+        start = width - len(prompt_ids)
+        whole = tokenizer.decode(row[start:], skip_special_tokens=True)
+        head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        texts.append(whole[len(head):] if whole.startswith(head) else
+                     tokenizer.decode(row[width:], skip_special_tokens=True))
+    return texts

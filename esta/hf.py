@@ -12,10 +12,10 @@ A decoder LM with the Llama layout (`model.model.embed_tokens`, `.layers`, `.nor
     the cache         under the keyword the layers take
 
 `DecoderCall` finds, from the signatures of the installed version, under which keywords the layers take these
-(transformers 5.2x: `cache`; 4.56 to 5.1x: `past_key_values` and `cache_position`; earlier 4.5x:
-`past_key_value`) and which mask utility builds the mask (`transformers.masking_utils` from 4.53, the
-model's own `_update_causal_mask` before). Layers that return a tuple (transformers < 4.54) are unwrapped
-by `hidden_states`.
+(seen: 5.24 `cache`; 4.57 `past_key_values` and `cache_position`; 4.50 and 4.53 `past_key_value` and
+`cache_position`) and which mask utility builds the mask (`transformers.masking_utils` from 4.53, the
+model's own `_update_causal_mask` before). Layers that return a tuple (4.50, 4.53) are unwrapped by
+`hidden_states`.
 
 Caches. A stitch runs blocks 0..j of the front anchor and blocks k..last of the end anchor; each segment has
 its own `transformers.DynamicCache` (`segment_cache(k)`), whose slot 0 holds block k, so the lengths the mask

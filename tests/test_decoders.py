@@ -599,7 +599,7 @@ def test_generate_text_and_cli(tmp_path, capsys):
     ids = torch.tensor([[0, 0, 0, 4, 6], tokenizer("a big red dog sat")["input_ids"]])
     mask = (torch.arange(5) >= torch.tensor([[3], [0]])).long()
     direct = esta.generate(model, ids, stitch=3, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
-    assert texts == tokenizer.batch_decode(direct[:, 5:], skip_special_tokens=True)
+    assert texts == [" " + t for t in tokenizer.batch_decode(direct[:, 5:], skip_special_tokens=True)]
     esta.export.save(model.export(3), str(tmp_path / "s3"), tokenizer=tokenizer)
     esta.export.save(model.export(3), str(tmp_path / "bare"))
     assert main(["generate", "--export", str(tmp_path / "s3"), "--prompt", "the cat", "--prompt",
