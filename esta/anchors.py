@@ -20,18 +20,24 @@ An `Anchor` is an `nn.Module` that wraps a model and exposes
                                      analytic multiply-add counts, or None where the anchor has none (then
                                      `StitchableModel` measures them)
 
-Adapters: `TimmViTAnchor` (timm VisionTransformer of any size) and `SequentialBlocksAnchor` (any model
-given as embed / blocks / head modules).
+    pst_rank                         the attention LoRA rank PST gives this anchor by default (None: the
+                                     ViT rule of esta.pst.default_ranks)
+
+Adapters: `TimmViTAnchor` (timm VisionTransformer of any size), `SequentialBlocksAnchor` (any model given as
+embed / blocks / head modules) and `HFCausalLMAnchor` (a Hugging Face decoder LM with the Llama layout).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Anchor", "TimmViTAnchor", "SequentialBlocksAnchor", "unique_numel"]
+from esta import hf
+
+__all__ = ["Anchor", "TimmViTAnchor", "SequentialBlocksAnchor", "HFCausalLMAnchor", "unique_numel", "run_block"]
 
 
 def unique_numel(params) -> int:
@@ -44,11 +50,17 @@ def unique_numel(params) -> int:
     return total
 
 
+def run_block(block: nn.Module, tokens: Tensor, kwargs: Dict[str, object]) -> Tensor:
+    """One block call; blocks that return a tuple (older transformers decoder layers) give its first item."""
+    return hf.hidden_states(block(tokens, **kwargs))
+
+
 class Anchor(nn.Module):
     """Base class of anchors. Subclasses set `family` and `embed_type` and implement the methods below."""
 
     family: str = ""
     embed_type: str = ""
+    pst_rank: Optional[int] = None
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -125,7 +137,7 @@ class Anchor(nn.Module):
         tokens = self.embed(x)
         kwargs = self.block_kwargs(x, tokens, **extra)
         for block in self.blocks:
-            tokens = block(tokens, **kwargs)
+            tokens = run_block(block, tokens, kwargs)
         return self.head(tokens, **extra)
 
 
@@ -337,3 +349,200 @@ class SequentialBlocksAnchor(Anchor):
 
     def head_parameters(self):
         return self.head_module.parameters()
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary and special tokens: equal for tokenizers that map text to the
+    same ids."""
+    if not hasattr(tokenizer, "get_vocab"):
+        raise TypeError(f"HFCausalLMAnchor: tokenizer must be a Hugging Face tokenizer (with get_vocab()), got "
+                        f"{type(tokenizer).__name__}")
+    h = hashlib.sha256()
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        h.update(f"{index}\t{token}\n".encode())
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        h.update(f"{name}={getattr(tokenizer, name, None)}\n".encode())
+    return h.hexdigest()[:12]
+
+
+_HF_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
+_HF_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_HF_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class HFCausalLMAnchor(Anchor):
+    """A Hugging Face decoder LM with the Llama layout (LlamaForCausalLM, MistralForCausalLM,
+    Qwen2ForCausalLM, ...) as an anchor; the model is kept as `.model`.
+
+    embed = model.model.embed_tokens (input: token ids of shape (batch, tokens));
+    block_kwargs = what the model gives its own decoder layers (`esta.hf`): position ids (given, or
+        0..T-1 after what the cache holds), rotary embeddings from its rotary_emb, the causal + padding mask
+        from transformers' mask utility for the attention implementation it was loaded with, the cache;
+    head = model.model.norm, then model.lm_head: logits of shape (batch, tokens, vocabulary).
+    Extra inputs of forward: `attention_mask` (batch, past + tokens) of 1 (token) and 0 (padding),
+    `position_ids` (batch or 1, tokens), `cache` (an `esta.hf.segment_cache`, used by `esta.generate`).
+
+    Anchors stitch only within one family (the model type) and one vocabulary: `embed_type` names the
+    vocabulary size and, with `tokenizer=`, a fingerprint of the tokenizer (else the special token ids of the
+    config), so anchors of different vocabularies or tokenizers are refused by `StitchableModel`.
+    PST adapts q/k/v/o of every block with LoRA rank 16 by default (`pst_rank`, the paper's LLaMA setting);
+    nothing of the head is trained (no classifier).
+    FLOPs are analytic (multiply-adds): the seven linears of a block (q, k, v, o and the gated MLP), the
+    attention products 2 * batch * heads * T^2 * head_dim (grouped-query attention shares keys and values
+    but every query head still takes its products; masked positions count, as they are computed), and
+    lm_head; embedding lookups, norms, rotary embeddings, softmax and activations are not counted.
+    """
+
+    pst_rank = 16
+
+    def __init__(self, model: nn.Module, *, tokenizer=None) -> None:
+        super().__init__()
+        for path in _HF_PARTS:
+            obj = model
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    raise TypeError(f"HFCausalLMAnchor: expected a Hugging Face decoder LM with the Llama layout "
+                                    f"(LlamaForCausalLM and the like), but {type(model).__name__} has no {path}")
+        if len(model.model.layers) == 0:
+            raise ValueError("HFCausalLMAnchor: the model has no decoder layers")
+        self.model = model
+        self.decoder_call = hf.decoder_call(model)
+        config = model.config
+        embed, lm_head = model.model.embed_tokens, model.lm_head
+        if not isinstance(lm_head, nn.Linear) or not isinstance(embed, nn.Embedding):
+            raise TypeError("HFCausalLMAnchor: expected nn.Embedding embed_tokens and an nn.Linear lm_head")
+        if embed.num_embeddings != lm_head.out_features:
+            raise ValueError(f"HFCausalLMAnchor: embed_tokens has {embed.num_embeddings} tokens but lm_head "
+                             f"{lm_head.out_features} outputs")
+        self.vocab_size = int(lm_head.out_features)
+        self.tokenizer = tokenizer
+        self.family = f"hf-causal-lm/{getattr(config, 'model_type', type(model).__name__)}"
+        if tokenizer is not None:
+            if len(tokenizer) > self.vocab_size:
+                raise ValueError(f"HFCausalLMAnchor: the tokenizer has {len(tokenizer)} tokens, more than the "
+                                 f"model's vocabulary of {self.vocab_size}")
+            tokens = f"tokenizer {_tokenizer_fingerprint(tokenizer)}"
+        else:
+            ids = [getattr(config, f"{n}_token_id", None) for n in ("bos", "eos", "pad")]
+            tokens = "special tokens bos={} eos={} pad={}".format(*ids)
+        self.embed_type = f"token ids, vocabulary {self.vocab_size}, {tokens}"
+
+    # ---- structure ----
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def attention_linears(self, i: int) -> Dict[str, nn.Linear]:
+        block = self.blocks[i]
+        found = {}
+        for name in _HF_ATTENTION:
+            try:
+                mod = block.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"HFCausalLMAnchor: block {i} has no {name}") from None
+            found[name] = mod
+        return found
+
+    def classifier_parameters(self):
+        return iter(())  # the LM head is frozen under PST (paper 5.2: LoRA on self-attention only)
+
+    def embed_parameters(self):
+        return self.model.model.embed_tokens.parameters()
+
+    def head_parameters(self):
+        return (p for mod in (self.model.model.norm, self.model.lm_head) for p in mod.parameters())
+
+    # ---- inputs ----
+    def check_input(self, x: Tensor, where: str = "") -> None:
+        super().check_input(x, where)
+        prefix = f"{where}: " if where else ""
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"{prefix}input_ids must be an integer tensor of token ids, got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"{prefix}input_ids must have shape (batch, tokens), got {tuple(x.shape)}")
+        if x.numel() == 0 or x.device.type == "meta":
+            return
+        if x.device.type == "cpu":
+            low, high = int(x.min()), int(x.max())
+            if low < 0 or high >= self.vocab_size:
+                bad = high if high >= self.vocab_size else low
+                raise ValueError(f"{prefix}input_ids holds token id {bad}, outside the vocabulary [0, "
+                                 f"{self.vocab_size})")
+        else:  # no host sync: a device-side assert
+            torch._assert_async(((x >= 0) & (x < self.vocab_size)).all(),
+                                f"{prefix}input_ids holds a token id outside the vocabulary [0, {self.vocab_size})")
+
+    def embed(self, x: Tensor) -> Tensor:
+        self.check_input(x, "HFCausalLMAnchor")
+        return self.model.model.embed_tokens(x)
+
+    def block_kwargs(self, x: Tensor, tokens: Tensor, *, attention_mask: Optional[Tensor] = None,
+                     position_ids: Optional[Tensor] = None, cache=None, **extra) -> Dict[str, object]:
+        batch, length = tokens.shape[0], tokens.shape[1]
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor):
+                raise TypeError(f"HFCausalLMAnchor: attention_mask must be a tensor, got "
+                                f"{type(attention_mask).__name__}")
+            if attention_mask.shape != (batch, past + length):
+                what = f"(batch, tokens) = ({batch}, {length})" if past == 0 else \
+                    f"(batch, cached + new tokens) = ({batch}, {past + length})"
+                raise ValueError(f"HFCausalLMAnchor: attention_mask must have shape {what}, got "
+                                 f"{tuple(attention_mask.shape)}")
+        if position_ids is not None:
+            if not isinstance(position_ids, Tensor) or position_ids.dim() != 2 or \
+                    position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+                shape = tuple(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
+                raise ValueError(f"HFCausalLMAnchor: position_ids must have shape ({batch} or 1, {length}), got "
+                                 f"{shape}")
+        return hf.block_kwargs(self.model, self.decoder_call, tokens, attention_mask, position_ids, cache)
+
+    def head(self, tokens: Tensor, **extra) -> Tensor:
+        return self.model.lm_head(self.model.model.norm(tokens))
+
+    def new_cache(self, first_block: int = 0):
+        """An empty key/value cache for blocks first_block.. of this anchor (see esta.hf.segment_cache)."""
+        return hf.segment_cache(first_block)
+
+    # ---- analytic FLOPs (multiply-adds; see esta.model for the convention) ----
+    def tokens_shape(self, input_shape) -> tuple:
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) == 1:
+            shape = (1,) + shape
+        if len(shape) != 2:
+            raise ValueError(f"HFCausalLMAnchor: input_shape must be (tokens,) or (batch, tokens), got "
+                             f"{tuple(input_shape)}")
+        return shape + (self.width,)
+
+    def embed_flops(self, input_shape) -> Optional[int]:
+        return 0  # a table lookup
+
+    def block_flops(self, i: int, tokens_shape) -> Optional[int]:
+        block = self.blocks[i]
+        linears = []
+        for name in _HF_ATTENTION + _HF_MLP:
+            try:
+                linears.append(block.get_submodule(name))
+            except AttributeError:
+                return None  # another block layout: let the caller measure it
+        if not all(isinstance(layer, nn.Linear) for layer in linears):
+            return None
+        batch, tokens, _ = tokens_shape
+        rows = batch * tokens
+        attn = block.self_attn
+        heads = linears[0].out_features // attn.head_dim
+        products = 2 * batch * heads * tokens * tokens * attn.head_dim  # q @ k^T and weights @ v, per query head
+        return sum(_linear_macs(rows, layer) for layer in linears) + products
+
+    def head_flops(self, tokens_shape) -> Optional[int]:
+        batch, tokens, _ = tokens_shape
+        return _linear_macs(batch * tokens, self.model.lm_head)

@@ -25,15 +25,23 @@ state kept across batches is the accumulators, O(in * (in + out)) float64 per la
 Calibration data: a tensor of inputs (split into batches of `batch_size`), or an iterable of batches, each a
 tensor or a tuple/list whose first item is the input tensor (labels are ignored), e.g. a DataLoader. The
 first `num_images` samples are used (all of them with num_images=None).
+
+Token batches (decoder anchors). A batch may also be a mapping with "input_ids" and, optionally,
+"attention_mask" (what a Hugging Face tokenizer returns; `data` itself may be one such mapping, split into
+batches of `batch_size`). The mask goes to the anchors with position ids counted over the real tokens (as
+generation does, so left padding does not shift positions), and padded positions are left out of the
+statistics: padding never changes the solution. Batches may differ in length.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from esta.hf import mask_positions
 from esta_kernels.lstsq import StreamingLstsq
 
 __all__ = ["init_stitching_layers", "LayerInitReport", "calibration_batches"]
@@ -61,33 +69,57 @@ def _check_int(name: str, value, minimum: int, allow_none: bool = False):
     return value
 
 
+def _token_batch(batch: Mapping, where: str) -> Tuple[Tensor, Optional[Tensor]]:
+    if "input_ids" not in batch:
+        raise ValueError(f"{where}: a mapping batch needs 'input_ids' (and optionally 'attention_mask'), got keys "
+                         f"{sorted(batch)}")
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if not isinstance(ids, Tensor) or (mask is not None and not isinstance(mask, Tensor)):
+        raise TypeError(f"{where}: input_ids and attention_mask must be tensors")
+    if mask is not None and mask.shape != ids.shape:
+        raise ValueError(f"{where}: attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; "
+                         f"they must be equal")
+    return ids, mask
+
+
 def calibration_batches(data, num_images: Optional[int], batch_size: int):
-    """Yields input tensors holding at most `num_images` samples in all (see the module docstring)."""
+    """Yields (index, inputs, attention_mask or None) holding at most `num_images` samples in all (see the
+    module docstring)."""
     if isinstance(data, Tensor):
         if data.dim() < 1 or data.shape[0] == 0:
             raise ValueError(f"init_stitching_layers: the calibration tensor holds no sample (shape {tuple(data.shape)})")
         source: Iterable = data.split(batch_size)
+    elif isinstance(data, Mapping):
+        ids, mask = _token_batch(data, "init_stitching_layers: data")
+        if ids.dim() < 1 or ids.shape[0] == 0:
+            raise ValueError(f"init_stitching_layers: data['input_ids'] holds no sample (shape {tuple(ids.shape)})")
+        source = ({"input_ids": i, "attention_mask": m} for i, m in
+                  zip(ids.split(batch_size), mask.split(batch_size) if mask is not None else [None] * len(ids)))
     elif isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"init_stitching_layers: data must be a tensor or an iterable of batches, got {type(data).__name__}")
     else:
         source = data
     seen = 0
     for index, batch in enumerate(source):
-        if isinstance(batch, (tuple, list)):
+        mask = None
+        if isinstance(batch, Mapping):
+            batch, mask = _token_batch(batch, f"init_stitching_layers: calibration batch {index}")
+        elif isinstance(batch, (tuple, list)):
             if len(batch) == 0:
                 raise ValueError(f"init_stitching_layers: calibration batch {index} is an empty {type(batch).__name__}")
             batch = batch[0]
         if not isinstance(batch, Tensor):
-            raise TypeError(f"init_stitching_layers: calibration batch {index} must be a tensor or a tuple/list "
-                            f"starting with one, got {type(batch).__name__}")
+            raise TypeError(f"init_stitching_layers: calibration batch {index} must be a tensor, a tuple/list "
+                            f"starting with one or a mapping with 'input_ids', got {type(batch).__name__}")
         if batch.dim() < 1:
             raise ValueError(f"init_stitching_layers: calibration batch {index} must have a batch dimension, "
                              f"got a 0-d tensor")
         if num_images is not None:
             batch = batch[: num_images - seen]
+            mask = None if mask is None else mask[: batch.shape[0]]
         if batch.shape[0] == 0:
             continue
-        yield index, batch
+        yield index, batch, mask
         seen += batch.shape[0]
         if num_images is not None and seen >= num_images:
             return
@@ -179,10 +211,11 @@ def _collect(model, data, num_images, batch_size, targets_needed, feeds, last_us
     n = len(anchors)
     reference_shape = None
     images = 0
-    for index, x in calibration_batches(data, num_images, batch_size):
+    for index, x, mask in calibration_batches(data, num_images, batch_size):
         if reference_shape is None:
             reference_shape = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != reference_shape:
+        elif tuple(x.shape[1:]) != reference_shape and x.dtype.is_floating_point:
+            # token batches (integer ids) may differ in length; other inputs must agree
             raise ValueError(f"init_stitching_layers: calibration batch {index} has samples of shape "
                              f"{tuple(x.shape[1:])}, but the first batch's were {reference_shape}")
         for a in range(n):
@@ -190,7 +223,7 @@ def _collect(model, data, num_images, batch_size, targets_needed, feeds, last_us
         kept: Dict[int, Dict[int, Tensor]] = {}
         for a in reversed(range(n)):  # largest first: ends run before their fronts
             model._select_rows(a)  # after PST: each anchor runs with its own stitch-bias rows
-            _run_with_hooks(anchors[a], a, x, index, targets_needed[a], feeds[a], kept, solvers)
+            _run_with_hooks(anchors[a], a, x, mask, index, targets_needed[a], feeds[a], kept, solvers)
             for e in [e for e in kept if last_user.get(e) == a]:
                 del kept[e]  # every front that reads these targets has run
         images += x.shape[0]
@@ -199,8 +232,10 @@ def _collect(model, data, num_images, batch_size, targets_needed, feeds, last_us
     return images, reference_shape
 
 
-def _run_with_hooks(anchor, a: int, x: Tensor, index: int, needed: set, feeds: dict, kept: dict, solvers: dict):
+def _run_with_hooks(anchor, a: int, x: Tensor, mask: Optional[Tensor], index: int, needed: set, feeds: dict,
+                    kept: dict, solvers: dict):
     handles = []
+    keep_rows = None if mask is None else mask.to(device=anchor.device).bool()
     if needed:
         kept[a] = {}
 
@@ -224,7 +259,15 @@ def _run_with_hooks(anchor, a: int, x: Tensor, index: int, needed: set, feeds: d
                             f"tokens of shape {tuple(h.shape)}, but block {k} of anchor {e} takes "
                             f"{tuple(target.shape)}: the anchors' token layouts do not line up"
                         )
-                    solvers[key].update(h, target)
+                    if keep_rows is not None:
+                        if h.shape[:-1] != keep_rows.shape:
+                            raise ValueError(
+                                f"init_stitching_layers: calibration batch {index}: the attention mask has shape "
+                                f"{tuple(keep_rows.shape)} but block {j} of anchor {a} gives tokens of shape "
+                                f"{tuple(h.shape)}")
+                        solvers[key].update(h[keep_rows], target[keep_rows])  # padded positions left out
+                    else:
+                        solvers[key].update(h, target)
             return hook
 
         for j in feeds:
@@ -234,7 +277,11 @@ def _run_with_hooks(anchor, a: int, x: Tensor, index: int, needed: set, feeds: d
         dtype = anchor.dtype
         if inputs.dtype.is_floating_point and dtype is not None:
             inputs = inputs.to(dtype)
-        anchor(inputs)
+        if mask is None:
+            anchor(inputs)
+        else:
+            mask_here = mask.to(device=anchor.device)
+            anchor(inputs, attention_mask=mask_here, position_ids=mask_positions(mask_here))
     finally:
         for h in handles:
             h.remove()

@@ -4,6 +4,8 @@
     esta train --config FILE [--out DIR]       ESTA training from a JSON or TOML config (esta.config)
     esta deploy --run DIR [--evaluate]         the top-score stitch per FLOPs interval, report + plot
     esta export --run DIR --stitch I --out D   merged standalone module of one member (safetensors + JSON)
+    esta generate --export DIR --prompt TEXT   text from an exported decoder member (esta.generation); the
+                                               tokenizer is read from DIR or from --tokenizer PATH
     esta bench                                 the fused stitched-linear op against F.linear on this machine
     torchrun --nproc_per_node=N -m esta train --config FILE    distributed (DDP) training
 
@@ -63,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--stitch", type=int, required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("generate", help="generate text with an exported decoder member")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--export", help="an export directory (esta export / esta.export.save)")
+    source.add_argument("--run", help="a decoder training run (with --stitch)")
+    p.add_argument("--stitch", type=int, help="the member of --run to generate with")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer directory or name (default: the export's)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true", help="sample (top-p / top-k / temperature) instead of "
+                                                              "taking the most likely tokens")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="of the sampling generator")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p = sub.add_parser("bench", help="time the fused stitched-linear op against F.linear here")
     p.add_argument("--shape", default="vit-s", choices=("vit-s", "vit-b", "llama"))
     p.add_argument("--backend", default="auto")
@@ -83,6 +101,23 @@ def _check_args(args) -> None:
             raise ConfigError(f"--{name}", f"{path} is a file, not a directory")
     if args.command == "bench" and args.repeats < 1:
         raise ConfigError("--repeats", f"must be at least 1, got {args.repeats}")
+    if args.command == "generate":
+        if args.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens", f"must be at least 1, got {args.max_new_tokens}")
+        if args.num_beams < 1:
+            raise ConfigError("--num-beams", f"must be at least 1, got {args.num_beams}")
+        if not 0.0 < args.top_p <= 1.0:
+            raise ConfigError("--top-p", f"must be in (0, 1], got {args.top_p}")
+        if args.top_k is not None and args.top_k < 1:
+            raise ConfigError("--top-k", f"must be at least 1, got {args.top_k}")
+        if not args.temperature > 0.0:
+            raise ConfigError("--temperature", f"must be > 0, got {args.temperature}")
+        if args.export is not None and args.stitch is not None:
+            raise ConfigError("--stitch", "selects a member of --run; an export is one member already")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device", f"is {args.device!r} but no CUDA GPU is available here")
+        if args.export is not None and not os.path.isdir(args.export):
+            raise ConfigError("--export", f"{args.export} is not a directory")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -121,12 +156,56 @@ def _dispatch(args) -> int:
         runs.export_member(args.run, args.stitch, args.out)
         print(f"exported member {args.stitch} to {args.out}")
         return 0
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "bench":
         from esta.benchmark import run_bench
 
         print(run_bench(args.shape, backend=args.backend, repeats=args.repeats))
         return 0
     raise AssertionError(args.command)
+
+
+def _generate(args) -> int:
+    from esta import export as export_mod
+    from esta.generation import generate_text
+
+    if args.run is not None:
+        # the library side (esta.generate on a StitchableModel member) is ready; what is missing is a run
+        # directory that holds a decoder palette, which decoder training (instruction tuning) will write
+        if args.stitch is None:
+            raise ConfigError("--stitch", "is required with --run")
+        raise ConfigError("--run", "generation from a training run needs a decoder training run, which esta "
+                                   "train does not produce yet (decoder training comes with instruction tuning); "
+                                   "export the member and use --export")
+    config_path = os.path.join(args.export, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConfigError("--export", f"{args.export} holds no export (no config.json)")
+    try:
+        net = export_mod.load(args.export, map_location=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError("--export", str(e)) from None
+    if net.esta_export_config.get("kind") != "hf.causal-lm":
+        raise ConfigError("--export", f"{args.export} holds a {net.esta_export_config.get('kind')} export, not a "
+                                      f"decoder LM")
+    source = args.tokenizer or args.export
+    if args.tokenizer is None and not any(os.path.isfile(os.path.join(args.export, name))
+                                          for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ConfigError("--tokenizer", f"{args.export} holds no tokenizer; pass --tokenizer PATH (or save the "
+                                         f"export with esta.export.save(..., tokenizer=tok))")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError("--tokenizer", f"cannot load a tokenizer from {source}: {e}") from None
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    texts = generate_text(net, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                          do_sample=args.do_sample, top_p=args.top_p, top_k=args.top_k,
+                          temperature=args.temperature, num_beams=args.num_beams, generator=generator)
+    for prompt, text in zip(args.prompt, texts):
+        print(f"{prompt}{text}")
+    return 0
 
 
 def _demo_summary(report: dict) -> None:

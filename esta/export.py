@@ -13,16 +13,30 @@ in float32, stored in the weight's dtype); the stitching layer becomes one `nn.L
   - `SequentialBlocksAnchor`s: an `nn.Sequential(embed, front blocks, linear, end blocks, head)` of copies of
     the user's modules. Anchors whose blocks take extra inputs (`block_kwargs`) are not exportable as one
     sequence and raise NotImplementedError.
+  - `HFCausalLMAnchor`s (decoder LMs): for an anchor, a copy of its Hugging Face causal LM (e.g.
+    LlamaForCausalLM) with merged linears, usable as any HF model (forward, `generate`). For a stitch, a
+    torch.fx `GraphModule` ("StitchedCausalLM", `esta.hf.stitched_causal_lm`) holding the front anchor's base
+    model with blocks 0..j and no final norm (`front`), the stitching linear (`stitch`) and the end anchor's
+    causal LM with blocks k..last and no embedding (`end`):
+        net(input_ids, attention_mask=None, position_ids=None, front_cache=None, end_cache=None,
+            use_cache=None).logits
+    Both run with torch and transformers only and return the HF output (`.logits`: batch, tokens,
+    vocabulary); `esta.generate` runs either with a key/value cache per segment.
 
 Files. `model.safetensors` holds the module's state dict (contiguous copies; tied tensors are written
 once per key). `config.json` describes how to rebuild it:
-    {"format": "esta-export/1", "kind": "timm.vit" | "sequential", "member": {...the palette entry...},
+    {"format": "esta-export/1", "kind": "timm.vit" | "sequential" | "hf.causal-lm",
+     "member": {...the palette entry...},
      "front": {VisionTransformer kwargs, depth = blocks kept}, "end": {...} or null,
      "stitching_layer": {"in_features", "out_features", "bias"} or null, "dtype": "float32"}
-`load` rebuilds timm exports from the config alone; a "sequential" export needs the module skeleton
-(`load(path, module=...)`, e.g. another `export` of the same member) because the user's module classes are
-not described by JSON. `save` rebuilds a timm export from what it wrote and checks it reproduces the
-module's output on a random input, so a file that does not load back is never left behind silently.
+For "hf.causal-lm", front and end are {"class": transformers class name, "config": its config dict,
+"attn_implementation"} of the (front base model | anchor's causal LM) and the end causal LM.
+`load` rebuilds timm and Hugging Face exports from the config alone; a "sequential" export needs the module
+skeleton (`load(path, module=...)`, e.g. another `export` of the same member) because the user's module
+classes are not described by JSON. `save` rebuilds a timm or Hugging Face export from what it wrote and
+checks it reproduces the module's output on a random input, so a file that does not load back is never
+left behind silently. `save(..., tokenizer=tok)` also writes a Hugging Face tokenizer beside it
+(`tok.save_pretrained`), which `esta generate --export DIR` reads.
 """
 from __future__ import annotations
 
@@ -36,7 +50,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from esta.anchors import Anchor, SequentialBlocksAnchor, TimmViTAnchor
+from esta import hf
+from esta.anchors import Anchor, HFCausalLMAnchor, SequentialBlocksAnchor, TimmViTAnchor
 from esta.nn.stitched_linear import StitchedLinear
 
 __all__ = ["export_stitch", "save", "load", "FORMAT"]
@@ -78,6 +93,9 @@ def export_stitch(model, i: int) -> nn.Module:
     info = model.stitches[i]
     front = model.anchors[info.front]
     end = model.anchors[info.end]
+    if isinstance(front, HFCausalLMAnchor):
+        net, config = _export_hf(model, info)
+        return _finish(net, config, info, net.stitch if not info.is_anchor else None)
     last = front.depth - 1 if info.is_anchor else info.front_block
     blocks = [_copy_block(model, info.front, b, i) for b in range(last + 1)]
     linear = None
@@ -100,6 +118,10 @@ def export_stitch(model, i: int) -> nn.Module:
     else:
         raise NotImplementedError(f"export: anchors of type {type(front).__name__} have no export rule "
                                   f"(TimmViTAnchor and SequentialBlocksAnchor do)")
+    return _finish(net, config, info, linear)
+
+
+def _finish(net: nn.Module, config: dict, info, linear: Optional[nn.Linear]) -> nn.Module:
     config["format"] = FORMAT
     config["member"] = _member_dict(info)
     config["stitching_layer"] = None if linear is None else {
@@ -109,6 +131,53 @@ def export_stitch(model, i: int) -> nn.Module:
         p.requires_grad_(False)
     setattr(net, _CONFIG_ATTR, config)
     return net.eval()
+
+
+def _copy_with(module: nn.Module, **temporary) -> nn.Module:
+    """A deep copy of `module` with some children replaced (by other modules or None) in the copy only."""
+    saved = {name: getattr(module, name) for name in temporary}
+    try:
+        for name, value in temporary.items():
+            setattr(module, name, value)
+        return copy.deepcopy(module)
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _merge_blocks(model, layers, anchor: int, first: int, i: int) -> None:
+    for offset, layer in enumerate(layers):
+        row = -1 if model.pst is None else model.pst.row(i, anchor, first + offset)
+        _merge_linears(layer, row)
+
+
+def _export_hf(model, info):
+    """(module, config) of a decoder member: an HF causal LM for an anchor, a StitchedCausalLM for a stitch."""
+    front, end = model.anchors[info.front], model.anchors[info.end]
+    if info.is_anchor:
+        net = copy.deepcopy(front.model)
+        _merge_blocks(model, net.model.layers, info.front, 0, info.id)
+        return net, {"kind": "hf.causal-lm", "front": hf.model_spec(net), "end": None}
+    j, k = info.front_block, info.end_block
+    base = front.model.model
+    front_net = _copy_with(base, layers=nn.ModuleList(list(base.layers)[: j + 1]), norm=nn.Identity())
+    hf.set_layer_count(front_net.config, 0, j + 1)
+    _merge_blocks(model, front_net.layers, info.front, 0, info.id)
+    lm = end.model
+    end_net = _copy_with(lm.model, layers=nn.ModuleList(list(lm.model.layers)[k:]), embed_tokens=None)
+    saved = lm.model
+    try:  # the causal LM around the copied base model, without copying the base model twice
+        lm.model = nn.Module()
+        end_lm = copy.deepcopy(lm)
+    finally:
+        lm.model = saved
+    end_lm.model = end_net
+    end_lm.config = end_net.config
+    hf.set_layer_count(end_net.config, k, end.depth - k)
+    hf.renumber_layers(end_net.layers)
+    _merge_blocks(model, end_net.layers, info.end, k, info.id)
+    net = hf.stitched_causal_lm(front_net, _stitching_linear(model, info), end_lm)
+    return net, {"kind": "hf.causal-lm", "front": hf.model_spec(front_net), "end": hf.model_spec(end_lm)}
 
 
 def _assemble_vit(front_vit: nn.Module, end_vit: nn.Module, blocks) -> nn.Module:
@@ -177,19 +246,47 @@ def _build_from_config(config: dict) -> nn.Module:
     return _assemble_vit(front, end, list(front.blocks) + [linear] + list(end.blocks))
 
 
+def _build_hf_from_config(config: dict) -> nn.Module:
+    """The skeleton of a Hugging Face export (parameters on the meta device, loaded with assign=True)."""
+    if config["end"] is None:
+        return hf.build_model(config["front"])
+    front = hf.build_model(config["front"])
+    front.norm = nn.Identity()
+    end = hf.build_model(config["end"])
+    end.model.embed_tokens = None
+    sl = config["stitching_layer"]
+    linear = nn.Linear(sl["in_features"], sl["out_features"], sl["bias"], device="meta")
+    return hf.stitched_causal_lm(front, linear, end)
+
+
 def _check_config(config, where: str) -> None:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{where}: not an esta export (expected \"format\": \"{FORMAT}\")")
-    if config.get("kind") not in ("timm.vit", "sequential"):
+    if config.get("kind") not in ("timm.vit", "sequential", "hf.causal-lm"):
         raise ValueError(f"{where}: unknown export kind {config.get('kind')!r}")
 
 
-def save(module: nn.Module, directory: str, *, check: bool = True) -> None:
-    """Writes `module` (from `export`) to directory/model.safetensors and directory/config.json.
+def _state_for_file(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors, tensors that share memory (tied weights) copied apart."""
+    state, seen = {}, set()
+    for key, value in module.state_dict().items():
+        tensor = value.detach().contiguous().cpu()
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
+        if ptr is not None and ptr in seen:
+            tensor = tensor.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        state[key] = tensor
+    return state
 
-    The files are written into a temporary sibling directory, checked (timm exports are rebuilt and must
-    reproduce the module's output), and only then moved to `directory`, replacing an earlier export there:
-    a failure leaves no half-written export behind."""
+
+def save(module: nn.Module, directory: str, *, check: bool = True, tokenizer=None) -> None:
+    """Writes `module` (from `export`) to directory/model.safetensors and directory/config.json (and, with
+    `tokenizer=`, the tokenizer's files via its `save_pretrained`).
+
+    The files are written into a temporary sibling directory, checked (timm and Hugging Face exports are
+    rebuilt and must reproduce the module's output), and only then moved to `directory`, replacing an
+    earlier export there: a failure leaves no half-written export behind."""
     from safetensors.torch import save_file
 
     config = getattr(module, _CONFIG_ATTR, None)
@@ -199,7 +296,10 @@ def save(module: nn.Module, directory: str, *, check: bool = True) -> None:
     directory = os.path.normpath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"esta.export.save: {directory} exists and is not a directory")
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"esta.export.save: tokenizer must be a Hugging Face tokenizer (with save_pretrained), got "
+                        f"{type(tokenizer).__name__}")
+    state = _state_for_file(module)
     parent = os.path.dirname(directory) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = f"{directory}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -208,7 +308,9 @@ def save(module: nn.Module, directory: str, *, check: bool = True) -> None:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        if check and config["kind"] == "timm.vit":
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if check and config["kind"] in ("timm.vit", "hf.causal-lm"):
             rebuilt = load(tmp, map_location="cpu")
             _check_same_output(module, rebuilt)
         old = None
@@ -226,20 +328,31 @@ def save(module: nn.Module, directory: str, *, check: bool = True) -> None:
 @torch.no_grad()
 def _check_same_output(module: nn.Module, rebuilt: nn.Module) -> None:
     ref_param = next(module.parameters())
-    cfg = module.esta_export_config["front"]
-    size = cfg["img_size"]
-    x = torch.randn(1, cfg["in_chans"], size[0], size[1], generator=torch.Generator().manual_seed(0))
+    config = module.esta_export_config
+    generator = torch.Generator().manual_seed(0)
+    if config["kind"] == "hf.causal-lm":
+        vocab = config["front"]["config"]["vocab_size"]
+        x = torch.randint(0, vocab, (1, 8), generator=generator)
+        run = lambda net, inputs: net(inputs, use_cache=False).logits  # noqa: E731
+        what = "the Hugging Face model has a setting the config does not describe"
+    else:
+        cfg = config["front"]
+        size = cfg["img_size"]
+        x = torch.randn(1, cfg["in_chans"], size[0], size[1], generator=generator)
+        run = lambda net, inputs: net(inputs)  # noqa: E731
+        what = "the ViT has a setting the config does not describe"
     was_training = module.training
     module.eval()
     try:
-        expected = module(x.to(ref_param.device, ref_param.dtype)).float().cpu()
+        inputs = x.to(ref_param.device) if config["kind"] == "hf.causal-lm" else x.to(ref_param.device, ref_param.dtype)
+        expected = run(module, inputs).float().cpu()
     finally:
         module.train(was_training)
-    got = rebuilt.to(ref_param.dtype).eval()(x.to(ref_param.dtype)).float()
+    rebuilt = rebuilt.to(ref_param.dtype).eval()
+    got = run(rebuilt, x if config["kind"] == "hf.causal-lm" else x.to(ref_param.dtype)).float()
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
         raise RuntimeError("esta.export.save: the files written do not rebuild the module (outputs differ by "
-                           f"{(got - expected).abs().max().item():.3g}); the ViT has a setting the config "
-                           "does not describe")
+                           f"{(got - expected).abs().max().item():.3g}); {what}")
 
 
 def load(directory: str, *, module: Optional[nn.Module] = None, map_location="cpu") -> nn.Module:
@@ -256,13 +369,23 @@ def load(directory: str, *, module: Optional[nn.Module] = None, map_location="cp
     _check_config(config, f"esta.export.load: {config_path}")
     if config["kind"] == "timm.vit":
         net = _build_from_config(config)
+    elif config["kind"] == "hf.causal-lm":
+        net = _build_hf_from_config(config)
     else:
         if module is None:
             raise ValueError("esta.export.load: a 'sequential' export needs module= (a module of the same "
                              "structure, e.g. StitchableModel.export of the same member) to load into")
         net = module
     state = load_file(weights_path, device=str(map_location))
-    net.load_state_dict(state, strict=True)
+    if config["kind"] == "hf.causal-lm":
+        hf.add_missing_biases(net, state)
+        net.load_state_dict(state, strict=True, assign=True)
+        left = [name for name, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_meta]
+        if left:
+            raise ValueError(f"esta.export.load: {weights_path} does not hold {', '.join(left[:4])}")
+        net = net.to(map_location)
+    else:
+        net.load_state_dict(state, strict=True)
     dtype = getattr(torch, config.get("dtype", "float32"))
     net = net.to(dtype)
     for p in net.parameters():

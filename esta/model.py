@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from esta.anchors import Anchor, unique_numel
+from esta.anchors import Anchor, run_block, unique_numel
 from esta.calibration import init_stitching_layers
 from esta.export import export_stitch
 from esta.pst import PSTState, format_trainable_report, to_pst, trainable_report
@@ -99,7 +99,8 @@ class StitchableModel(nn.Module):
             raise ValueError(f"StitchableModel: anchors must be of one family, got {families}")
         embed_types = sorted({a.embed_type for a in anchors})
         if len(embed_types) > 1:
-            raise ValueError(f"StitchableModel: anchors must share one embedding type, got {embed_types}")
+            raise ValueError(f"StitchableModel: anchors must share one embedding type (for decoders: one vocabulary "
+                             f"and tokenizer), got {embed_types}")
         order = sorted(range(len(anchors)), key=lambda i: anchors[i].num_parameters())
         self.anchors = nn.ModuleList([anchors[i] for i in order])
         self.kernel_size, self.stride, self.nearest = kernel_size, stride, bool(nearest)
@@ -165,23 +166,47 @@ class StitchableModel(nn.Module):
         return None if info.is_anchor else self.stitching_layers[info.pair][info.layer]
 
     # ---- forward ----
-    def forward(self, x: Tensor, stitch: Optional[int] = None, **extra) -> Tensor:
+    def forward(self, x: Tensor, stitch: Optional[int] = None, *, caches: Optional[Sequence] = None,
+                **extra) -> Tensor:
+        """Member `stitch` (default: `self.stitch`) on input x. Extra keyword arguments go to the anchors'
+        `block_kwargs` and `head` (e.g. attention_mask for decoders). `caches`: one key/value cache per
+        segment the member runs (its anchor; or the front, then the end of a stitch, see `segment_caches`),
+        given to that segment's `block_kwargs` as `cache=` (`esta.generate` uses it)."""
         info = self.stitches[self._stitch if stitch is None else self._check_id(stitch)]
         self._select_rows(info.id)
-        if info.is_anchor:
-            return self.anchors[info.front](x, **extra)
         front, end = self.anchors[info.front], self.anchors[info.end]
+        if caches is not None:
+            caches = list(caches)
+            if len(caches) != (1 if info.is_anchor else 2):
+                raise ValueError(f"StitchableModel: member {info.id} runs {1 if info.is_anchor else 2} segment(s), "
+                                 f"so caches must hold as many, got {len(caches)}")
+        front_extra = extra if caches is None else dict(extra, cache=caches[0])
+        if info.is_anchor:
+            return front(x, **front_extra)
         tokens = front.embed(x)
-        kwargs = front.block_kwargs(x, tokens, **extra)
+        kwargs = front.block_kwargs(x, tokens, **front_extra)
         for block in front.blocks[: info.front_block + 1]:
-            tokens = block(tokens, **kwargs)
+            tokens = run_block(block, tokens, kwargs)
         layer = self.stitching_layers[info.pair][info.layer]
         layer.stitch_ids = info.local_id if layer.num_stitches > 0 else None
         tokens = layer(tokens)
-        kwargs = end.block_kwargs(x, tokens, **extra)
+        kwargs = end.block_kwargs(x, tokens, **(extra if caches is None else dict(extra, cache=caches[1])))
         for block in end.blocks[info.end_block:]:
-            tokens = block(tokens, **kwargs)
+            tokens = run_block(block, tokens, kwargs)
         return end.head(tokens, **extra)
+
+    def segment_caches(self, i: int) -> List:
+        """Fresh key/value caches for member i, one per segment it runs (anchors that have `new_cache`):
+        [its anchor's] or [front blocks 0..j, end blocks k..last]."""
+        info = self.stitches[self._check_id(i)]
+        front, end = self.anchors[info.front], self.anchors[info.end]
+        for anchor in (front, end):
+            if not hasattr(anchor, "new_cache"):
+                raise TypeError(f"StitchableModel: {type(anchor).__name__} keeps no key/value cache (decoder "
+                                f"anchors such as HFCausalLMAnchor do)")
+        if info.is_anchor:
+            return [front.new_cache(0)]
+        return [front.new_cache(0), end.new_cache(info.end_block)]
 
     def _select_rows(self, i: int) -> None:
         """Points every PST linear at member i's stitch-bias row (once per switch of member)."""
@@ -342,7 +367,7 @@ def _measure(anchor: Anchor, shape: tuple, dtype) -> dict:
     kwargs = anchor.block_kwargs(x, tokens)
     blocks, rows = [], []
     for block in anchor.blocks:
-        tokens, count = _macs(lambda: block(tokens, **kwargs))
+        tokens, count = _macs(lambda: run_block(block, tokens, kwargs))
         blocks.append(count)
         rows.append(tokens.numel() // anchor.width)
     _, head = _macs(lambda: anchor.head(tokens))

@@ -4,7 +4,8 @@
     print(model.format_trainable_report())
 
 What the conversion does:
-  - Every anchor's attention linears (`Anchor.attention_linears`: qkv and proj for timm ViTs) become
+  - Every anchor's attention linears (`Anchor.attention_linears`: qkv and proj for timm ViTs, q/k/v/o for
+    decoder LMs) become
     `esta.nn.StitchedLinear` wrapping the same frozen weight and bias, with that anchor's LoRA rank and one
     stitch-bias row per palette member whose path runs through the layer. A member runs through block b of
     anchor a when it is anchor a itself, a stitch whose front is a with front_block >= b, or a stitch whose
@@ -14,11 +15,12 @@ What the conversion does:
   - Stitching layers stay `StitchingLayer`s (LoRA rank in // 4, one bias row per position sharing the layer).
   - Everything else is frozen (embeddings, feed-forward layers, norms, the frozen weights and biases of the
     adapted linears) except the classifier of each anchor's head (`Anchor.classifier_parameters`), which
-    is trained.
+    is trained (decoder LMs have none: their embeddings, MLPs, norms and lm_head stay frozen).
 
-LoRA ranks: `ranks=None` gives the largest anchor rank 8 and doubles it for each smaller anchor (the paper's
-32/16/8 for ViT-Ti/S/B), capped at the anchor's width; pass an int for every anchor or a sequence, one per
-anchor in the model's order (ascending size). `stitch_bias=False` builds the ablation without stitch-specific
+LoRA ranks: `ranks=None` gives every anchor its family's rank where the anchor names one (`Anchor.pst_rank`:
+16 for decoder LMs, the paper's LLaMA setting), else the ViT rule: rank 8 for the largest anchor, doubled for
+each smaller anchor (the paper's 32/16/8 for ViT-Ti/S/B); either capped at the anchor's width. Pass an int for
+every anchor or a sequence, one per anchor in the model's order (ascending size). `stitch_bias=False` builds the ablation without stitch-specific
 biases (anchor linears and stitching layers then have none).
 """
 from __future__ import annotations
@@ -63,8 +65,12 @@ def default_ranks(widths: Sequence[int]) -> List[int]:
     return [max(1, min(int(w), 8 * 2 ** (n - 1 - a))) for a, w in enumerate(widths)]
 
 
-def _resolve_ranks(ranks, widths: Sequence[int]) -> List[int]:
+def _resolve_ranks(ranks, anchors) -> List[int]:
+    widths = [a.width for a in anchors]
     if ranks is None:
+        family = [getattr(a, "pst_rank", None) for a in anchors]
+        if all(r is not None for r in family):
+            return [max(1, min(int(w), int(r))) for w, r in zip(widths, family)]
         return default_ranks(widths)
     if isinstance(ranks, bool):
         raise TypeError("to_pst: ranks must be None, an int or a sequence of ints, got bool")
@@ -107,7 +113,7 @@ def to_pst(model, ranks: Union[None, int, Sequence[int]] = None, *, stitch_bias:
     if not isinstance(stitch_bias, bool):
         raise TypeError(f"to_pst: stitch_bias must be a bool, got {type(stitch_bias).__name__}")
     anchors = model.anchors
-    ranks = _resolve_ranks(ranks, [a.width for a in anchors])
+    ranks = _resolve_ranks(ranks, anchors)
     size = len(model.stitches)
     tables: List[List[List[int]]] = []  # [anchor][block] -> global id -> local row (-1: not through it)
     layers: List[List[List[StitchedLinear]]] = []
