@@ -141,8 +141,9 @@ def build_config(*, preset: Optional[str] = None, config_path: Optional[str] = N
     try:
         return parse_config(values)
     except ConfigError as e:
-        if preset is not None and "data" in str(e) and not any(
-                k in values.get("data", {}) for k in ("builtin", "folder", "dataset")):
+        data = values.get("data") if isinstance(values.get("data"), dict) else {}
+        if preset is not None and str(e).startswith("config.data") and not any(
+                data.get(k) is not None for k in ("builtin", "folder", "dataset")):
             needs = load_preset(preset).get("needs", "the data")
             raise ConfigError(e.key, f"{e.reason} (the preset {preset} leaves the data to you; it needs {needs})",
                               e.where) from None
