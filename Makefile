@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 # torchvision 0.29.1 is the build that matches torch 2.14.1 (timm needs it; tests build small timm ViTs)
 DEPS := "$(TORCH_SPEC)" "torchvision==0.29.1" timm "triton>=3.6,<3.10" numpy "pytest>=8" "pytest-benchmark>=4" \
-	ninja "setuptools>=64" wheel safetensors tqdm matplotlib scikit-learn
+	ninja "setuptools>=64" wheel safetensors tqdm matplotlib scikit-learn scipy pillow
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py
 
 .PHONY: all venv build test bench demo clean

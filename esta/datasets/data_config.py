@@ -131,6 +131,9 @@ def resolve(config: RunConfig) -> DataConfig:
     cfg = found[0]
     if spec.crop_pct is not None:
         cfg = DataConfig(cfg.input_size, cfg.mean, cfg.std, cfg.interpolation, spec.crop_pct)
+    elif not 0 < cfg.crop_pct <= 1:
+        raise ConfigError("config.data.crop_pct", f"the anchors' crop fraction is {cfg.crop_pct:g}; a crop needs one "
+                                                  f"in (0, 1]: set data.crop_pct")
     if spec.image_size is not None and cfg.input_size[1:] != (spec.image_size, spec.image_size):
         _, h, w = cfg.input_size
         raise ConfigError("config.data.image_size", f"is {spec.image_size} but the anchors take {h}x{w} images "

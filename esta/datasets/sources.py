@@ -23,7 +23,7 @@ from esta.config import ConfigError, DataSpec
 from esta.datasets import catalog
 from esta.datasets.images import ArrayOpener, FileOpener, ImageList, file_key, held_out_split
 
-__all__ = ["split_parts", "default_splits", "open_splits", "open_split"]
+__all__ = ["split_parts", "default_splits", "open_splits"]
 
 
 def default_splits(spec: DataSpec) -> Tuple[str, str]:
@@ -62,15 +62,6 @@ def open_splits(spec: DataSpec) -> Tuple[ImageList, ImageList]:
                                      "config.data", join=False))
     opened = _Dataset(spec.dataset, spec.root)
     return tuple(opened.check_same_classes([opened.split(a), opened.split(b)]))
-
-
-def open_split(spec: DataSpec, split: str) -> ImageList:
-    """One split (by name, '+' joins) of the DataSpec's source."""
-    allowed = catalog.SPLITS if spec.dataset is not None else None
-    parts = split_parts(split, "split", allowed)
-    if spec.folder is not None:
-        return _folder(spec, parts, "split")
-    return _Dataset(spec.dataset, spec.root).split(parts)
 
 
 # ------------------------------------------------------------------------------------- ImageFolder
