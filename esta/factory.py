@@ -124,7 +124,7 @@ def create_anchor(spec: AnchorSpec, num_classes: Optional[int], where: str = "co
             if not options:
                 raise
             raise ConfigError(f"{where}.pretrained", f"the cached weights {options['pretrained_cfg_overlay']['file']} "
-                                                     f"do not load into {name}: {str(e).splitlines()[0]}") from None
+                                                     f"do not load into {name}: {' '.join(str(e).split())[:300]}") from None
         if spec.checkpoint is not None:
             state = _load_state(spec.checkpoint, f"{where}.checkpoint")
             state = {k: v for k, v in state.items() if not k.startswith("head.")}

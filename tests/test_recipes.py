@@ -138,6 +138,10 @@ def test_pretrained_anchors_load_from_timms_cache_and_never_download(empty_cache
     for k, v in weights.items():
         if not k.startswith("head."):
             assert torch.equal(got[k], v), k
+    wider = AnchorSpec(timm=name, pretrained=True, kwargs={**TINY, "embed_dim": 12})
+    with pytest.raises(ConfigError, match=r"config.anchors\[1\].pretrained: the cached weights .*model.safetensors do "
+                                          r"not load into vit_tiny_patch16_224.augreg_in21k: .*size mismatch"):
+        create_anchor(wider, 5, "config.anchors[1]")
     # the older torch hub cache (timm's url downloads) counts too
     url_file = empty_caches / "torch" / "hub" / "checkpoints" / "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz"
     url_file.parent.mkdir(parents=True)

@@ -16,7 +16,7 @@ pytest.importorskip("scipy", reason="the .mat annotation files need scipy")
 
 import _fake_datasets as fake  # noqa: E402
 from esta.datasets import catalog, data_config, sources  # noqa: E402
-from esta.datasets.images import ImageList, ImageSet, held_out_split  # noqa: E402
+from esta.datasets.images import held_out_split  # noqa: E402
 from esta.datasets.transforms import ImageTransform  # noqa: E402
 from esta.factory import create_data, data_fingerprint  # noqa: E402
 from esta.train.data import StepBatchSampler, draw_seed, step_loader  # noqa: E402
