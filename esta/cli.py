@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="esta-report")
     p = sub.add_parser("deploy", help="deploy a trained run: top-score stitch per interval, report and plot")
     p.add_argument("--run", required=True)
-    p.add_argument("--evaluate", choices=("all", "deployed"), default="all")
+    p.add_argument("--evaluate", choices=("all", "deployed"), default="all",
+                   help="evaluate every member (default), or the deployed ones and the anchors")
     p = sub.add_parser("export", help="export one member of a trained run as safetensors + JSON")
     p.add_argument("--run", required=True)
     p.add_argument("--stitch", type=int, required=True)

@@ -111,7 +111,7 @@ class StitchingSpec:
 
 @dataclass
 class EvaluateSpec:
-    all: bool = True  # evaluate every member (the measured frontier), or only the deployed ones
+    all: bool = True  # evaluate every member (the measured frontier), or the deployed ones and the anchors
     batch_size: int = field(default=256, metadata=rule(minimum=1))
 
     def __post_init__(self) -> None:
