@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1
 # torchvision 0.29.1 is the build that matches torch 2.14.1 (timm needs it; tests build small timm ViTs)
 # transformers: decoder anchors (esta.HFCausalLMAnchor); tests build tiny Llama/Mistral/Qwen2 models offline
 DEPS := "$(TORCH_SPEC)" "torchvision==0.29.1" timm "triton>=3.6,<3.10" numpy "pytest>=8" "pytest-benchmark>=4" \
-	ninja "setuptools>=64" wheel safetensors tqdm matplotlib scikit-learn "transformers>=4.50,<6" tokenizers
+	ninja "setuptools>=64" wheel safetensors tqdm matplotlib scikit-learn "transformers>=4.50,<6" tokenizers scipy pillow
 # The CUDA kernels are built on CUTLASS 3 / CuTe, whose headers ship in this package (setup.py finds them there;
 # pinned: the kernels are written against this release). --no-deps: only the headers are used, not its Python
 # API, whose dependencies (cuda-python, ...) the build does not need.

@@ -15,6 +15,10 @@
                              deployment in esta.deploy, process groups in esta.distributed; run directories
                              in esta.runs, their configuration in esta.config; the `esta` command line in
                              esta.cli
+    esta.datasets            image data as the anchors expect it: timm data configs, the paper's
+                             augmentation recipes, named datasets (FGVC, CIFAR-100, VTAB-1k) from local files
+    esta.presets, esta.sweep, esta.multitask   the paper's recipes (configs/), the lr grid on the validation
+                             split, several tasks per FLOPs interval and group
 
 The kernels live in `esta_kernels`; `esta` builds on them (never the reverse).
 """

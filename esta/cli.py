@@ -2,10 +2,15 @@
 
     esta demo [--out DIR]                      the embedded demo (shipped anchors and data, ~minutes on a CPU)
     esta train --config FILE [--out DIR]       ESTA training from a JSON or TOML config (esta.config)
+    esta train --preset NAME [--config FILE] [--set KEY=VALUE ...]   the paper's recipe, overridden key by key
+    esta presets [NAME]                        the presets (configs/) with their values (esta.presets)
+    esta sweep --config FILE --lrs 1e-4,2e-4,1e-3,2e-3 [--out DIR]   lr grid on the validation split, then the
+                                               best on train+val against test (esta.sweep)
     esta deploy --run DIR [--evaluate]         the top-score stitch per FLOPs interval, report + plot
     esta export --run DIR --stitch I --out D   merged standalone module of one member (safetensors + JSON)
     esta generate --export DIR --prompt TEXT   text from an exported decoder member (esta.generation); the
                                                tokenizer is read from DIR or from --tokenizer PATH
+    esta report RUN1 RUN2 ... [--out DIR]      several tasks per FLOPs interval and group (esta.multitask)
     esta bench                                 the fused stitched-linear op against F.linear on this machine
     torchrun --nproc_per_node=N -m esta train --config FILE    distributed (DDP) training
 
@@ -24,7 +29,7 @@ from typing import List, Optional
 
 import torch
 
-from esta.config import ConfigError, load_config, parse_config
+from esta.config import ConfigError, parse_config
 
 __all__ = ["main"]
 
@@ -53,14 +58,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p = sub.add_parser("train", help="ESTA training from a config file")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("train", help="ESTA training from a config file or a preset")
+    _config_arguments(p)
     p.add_argument("--out", default="esta-run")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("presets", help="list the presets (the paper's recipes) with their values")
+    p.add_argument("name", nargs="?", help="print this preset in full (JSON)")
+    p = sub.add_parser("sweep", help="choose base_lr on the validation split, retrain the best on train+val, test")
+    _config_arguments(p)
+    p.add_argument("--lrs", required=True, help="comma-separated base learning rates, e.g. 1e-4,2e-4,1e-3,2e-3")
+    p.add_argument("--splits", default="train,val,test", help="TRAIN,VAL,TEST split names (default: train,val,test)")
+    p.add_argument("--out", default="esta-sweep")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in OUT")
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("report", help="aggregate runs (tasks) per FLOPs interval and group: JSON + plot")
+    p.add_argument("runs", nargs="+", help="run directories (or sweep directories: their final run)")
+    p.add_argument("--out", default="esta-report")
     p = sub.add_parser("deploy", help="deploy a trained run: top-score stitch per interval, report and plot")
     p.add_argument("--run", required=True)
-    p.add_argument("--evaluate", choices=("all", "deployed"), default="all")
+    p.add_argument("--evaluate", choices=("all", "deployed"), default="all",
+                   help="evaluate every member (default), or the deployed ones and the anchors")
     p = sub.add_parser("export", help="export one member of a trained run as safetensors + JSON")
     p.add_argument("--run", required=True)
     p.add_argument("--stitch", type=int, required=True)
@@ -86,6 +104,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=20)
     return parser
+
+
+def _config_arguments(p) -> None:
+    p.add_argument("--config", help="a JSON or TOML config file (laid over the preset, when one is given)")
+    p.add_argument("--preset", help="start from a preset of configs/ (esta presets lists them)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key (e.g. train.base_lr=2e-3, data.root=/data/cub); repeatable")
+
+
+def _config(args):
+    from esta.presets import build_config
+
+    return build_config(preset=args.preset, config_path=args.config, sets=args.set)
 
 
 def _check_args(args) -> None:
@@ -147,7 +178,30 @@ def _dispatch(args) -> int:
         print(f"esta demo: done in {time.time() - t0:.0f} s; report in {args.out}/report.json and report.png")
         return 0
     if args.command == "train":
-        runs.train_run(load_config(args.config), args.out, resume=args.resume, progress=not args.no_progress)
+        runs.train_run(_config(args), args.out, resume=args.resume, progress=not args.no_progress)
+        return 0
+    if args.command == "presets":
+        from esta.presets import format_presets
+
+        print(format_presets(args.name))
+        return 0
+    if args.command == "sweep":
+        from esta.sweep import parse_lrs, sweep
+
+        lrs = parse_lrs(args.lrs)
+        splits = [s.strip() for s in args.splits.split(",")]
+        config = _config(args)
+        sweep(config, lrs, args.out, splits=splits, resume=args.resume, progress=not args.no_progress)
+        return 0
+    if args.command == "report":
+        from esta.multitask import aggregate, format_summary, load_run, write_summary
+
+        if os.path.isfile(os.path.join(args.out, "config.json")) or os.path.isfile(os.path.join(args.out, "sweep.json")):
+            raise ConfigError("--out", f"{args.out} is a run or sweep directory; write the report elsewhere")
+        summary = aggregate([load_run(r) for r in args.runs])
+        paths = write_summary(summary, args.out)
+        print(format_summary(summary))
+        print(f"report: {paths['json']}, {paths['png']}")
         return 0
     if args.command == "deploy":
         runs.deploy_run(args.run, evaluate_all=args.evaluate == "all")

@@ -2,10 +2,13 @@
 
     {"anchors": [{"timm": "vit_tiny_patch16_224", "pretrained": true}, ...]   # or {"demo": "vit-demo-ti"}
                                                                              # or {"timm": ..., "checkpoint": "file"}
-     "data": {"folder": "path", "train": "train", "test": "val", "image_size": 224}   # torchvision ImageFolder
-          or {"builtin": "digits-5to9"},                                               # a shipped dataset
+     "data": {"dataset": "cub-200-2011", "root": "path"}         # a named dataset (esta.datasets.catalog)
+          or {"folder": "path", "train": "train", "test": "val"}   # torchvision ImageFolder layout
+          or {"builtin": "digits-5to9"},                           # a shipped dataset (tensors, no transform)
+          image data also takes "train_transform" ("fgvc", "vtab", "center-crop"), "crop_pct", "num_workers"
      "num_classes": 10,                       # the task's classes: the anchors' heads are re-made for it
-                                              # (must match the data; leave it out to keep the anchors' heads)
+                                              # (must match the data; a named dataset's by default; leave
+                                              # it out with other data to keep the anchors' heads)
      "stitching": {"kernel_size": 2, "stride": 1},
      "train": {...esta.train.TrainConfig keys...},
      "evaluate": {"all": true, "batch_size": 256},
@@ -25,13 +28,14 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
+from esta.datasets import catalog
 from esta.schema import ConfigError, check_fields, from_dict, rule, to_dict
 from esta.train.config import TrainConfig
 
 __all__ = ["ConfigError", "RunConfig", "AnchorSpec", "DataSpec", "StitchingSpec", "EvaluateSpec", "load_config",
-           "parse_config", "config_dict"]
+           "read_config_file", "parse_config", "config_dict"]
 
 
 @dataclass
@@ -54,19 +58,44 @@ class AnchorSpec:
 
 @dataclass
 class DataSpec:
-    """The task's data: a shipped dataset, or an ImageFolder tree ROOT/<split>/<class>/<image>."""
+    """The task's data: a shipped dataset (`builtin`), an ImageFolder tree FOLDER/<split>/<class>/<image>
+    (`folder`), or a named dataset read from its files under `root` (`dataset`: esta.datasets.catalog).
+
+    Image data (folder or dataset) is preprocessed as the anchors expect (esta.datasets.data_config: their
+    timm mean, std, interpolation, input size and crop fraction); `train_transform` picks the training
+    recipe ("fgvc": resize, random crop, horizontal flip; "vtab": resize only; "center-crop": resize and
+    center crop, no augmentation; default: the dataset's recipe in the paper, "center-crop" for a folder);
+    test images are never augmented (esta.datasets.transforms). `train` and `test` name the splits, several
+    joined by "+" (default: "train" and "val" folders; a named dataset's "train+val" and "test").
+    `crop_pct` replaces the anchors' crop fraction; `image_size`, when given, must equal their input size.
+    A shipped dataset is tensors already: it takes none of these (`train`, `test` and `image_size` are
+    ignored there, as before)."""
 
     builtin: Optional[str] = None
     folder: Optional[str] = None
-    train: str = "train"
-    test: str = "val"
-    image_size: int = field(default=224, metadata=rule(minimum=1))
+    dataset: Optional[str] = None
+    root: Optional[str] = None
+    train: Optional[str] = None
+    test: Optional[str] = None
+    image_size: Optional[int] = field(default=None, metadata=rule(minimum=1))
+    train_transform: Optional[Literal["fgvc", "vtab", "center-crop"]] = None
+    crop_pct: Optional[float] = field(default=None, metadata=rule(minimum=0, maximum=1, exclusive_minimum=True))
     num_workers: int = field(default=0, metadata=rule(minimum=0))  # DataLoader processes decoding samples
 
     def __post_init__(self) -> None:
         check_fields(self, "")
-        if (self.builtin is None) == (self.folder is None):
-            raise ConfigError("", "give exactly one of 'builtin' or 'folder'")
+        if self.dataset is not None and self.dataset not in catalog.dataset_names():
+            raise ConfigError("dataset", f"unknown dataset {self.dataset!r}; known: "
+                                         f"{', '.join(catalog.dataset_names())}")
+        if sum(v is not None for v in (self.builtin, self.folder, self.dataset)) != 1:
+            raise ConfigError("", "give exactly one of 'builtin', 'folder' or 'dataset'")
+        if (self.root is not None) != (self.dataset is not None):
+            raise ConfigError("root", "'root' (the dataset's directory) goes with 'dataset', and only with it")
+        if self.builtin is not None:
+            for name in ("train_transform", "crop_pct"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, f"applies to image data ('folder' or 'dataset'), not to the shipped "
+                                            f"tensors of builtin {self.builtin!r}")
 
 
 @dataclass
@@ -82,7 +111,7 @@ class StitchingSpec:
 
 @dataclass
 class EvaluateSpec:
-    all: bool = True  # evaluate every member (the measured frontier), or only the deployed ones
+    all: bool = True  # evaluate every member (the measured frontier), or the deployed ones and the anchors
     batch_size: int = field(default=256, metadata=rule(minimum=1))
 
     def __post_init__(self) -> None:
@@ -132,6 +161,11 @@ def config_dict(config: RunConfig) -> Dict[str, Any]:
 
 def load_config(path: str) -> RunConfig:
     """Reads and checks a JSON or TOML (by extension) config file."""
+    return parse_config(read_config_file(path))
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The raw values of a JSON or TOML (by extension) config file, not yet checked."""
     if os.path.isdir(path):
         raise ConfigError("", f"config file {path} is a directory")
     if not os.path.isfile(path):
@@ -154,4 +188,4 @@ def load_config(path: str) -> RunConfig:
         raise
     except Exception as e:  # the parser's message names the line
         raise ConfigError("", f"cannot parse {path}: {e}") from None
-    return parse_config(values)
+    return values

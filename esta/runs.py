@@ -32,13 +32,14 @@ from typing import Callable, Optional
 import torch
 
 from esta.checkpoint import CheckpointError, load_checkpoint
-from esta.config import ConfigError, RunConfig, config_dict, load_config
+from esta.config import ConfigError, RunConfig, config_dict, load_config, parse_config
 from esta.distributed import init_distributed
-from esta.factory import (check_data, create_data, create_model, data_fingerprint,
+from esta.factory import (check_anchors, check_data, create_data, create_model, data_fingerprint,
                           describe_fingerprint_change)
 from esta.train import Trainer, calibration_images
 
-__all__ = ["RunError", "run_lock", "train_run", "deploy_run", "export_member", "restore_run", "resolve_device"]
+__all__ = ["RunError", "run_lock", "train_run", "deploy_run", "export_member", "restore_run", "resolve_device",
+           "run_identity", "read_json", "write_json"]
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
@@ -76,6 +77,20 @@ def run_lock(directory: str):
         os.close(fd)  # releases the lock
 
 
+def read_json(path: str):
+    """A JSON file of a run directory (RunError when it is missing or unreadable)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read {path}: {e}") from None
+
+
+def write_json(directory: str, name: str, obj) -> str:
+    """directory/name written atomically (a unique temporary file renamed into place)."""
+    return _write_json(directory, name, obj)
+
+
 def _write_json(directory: str, name: str, obj) -> str:
     path = os.path.join(directory, name)
     tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -104,6 +119,11 @@ def _seeded_model(config: RunConfig, device):
     return create_model(config).to(device)
 
 
+def run_identity(config: RunConfig) -> dict:
+    """The configuration keys that make a run what it is (a resume must match them)."""
+    return _identity(config)
+
+
 def _identity(config: RunConfig) -> dict:
     """The keys that make a run what it is: not where it runs (device), how fast it decodes
     (data.num_workers) or how it is evaluated."""
@@ -127,10 +147,21 @@ def _check_resume(state, config: RunConfig, fingerprint, path: str) -> None:
                               f"resume it with its own data or start a new run directory")
     saved = meta.get("run_config")
     now = _identity(config)
+    if saved is not None:
+        saved = _current_schema(saved)
     if saved is not None and saved != now:
         diff = _dict_diff(saved, now)
         raise ConfigError("", f"the configuration differs from the run's in {', '.join(diff)}; a resumed run "
                               f"must use the run's configuration ({path})")
+
+
+def _current_schema(saved: dict) -> dict:
+    """A checkpoint's run identity read through today's schema: keys added since it was written take their
+    defaults, so a run from before (the demo's, say) still resumes and deploys; unreadable: as saved."""
+    try:
+        return _identity(parse_config(saved))
+    except (ConfigError, TypeError):
+        return saved
 
 
 def _dict_diff(a, b, prefix="config") -> list:
@@ -161,6 +192,7 @@ def train_run(config: RunConfig, out: str, *, resume: bool = False, replace: boo
     if not resume and not replace and os.path.exists(checkpoint):
         raise RunError(f"{out} already holds a run ({checkpoint}); pass --resume to continue it, or choose "
                        f"another directory")
+    check_anchors(config)
     train, test = create_data(config)
     world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
     check_data(config, train, world)
@@ -248,7 +280,9 @@ def _deploy(model, sampler, flops, test, out: str, config: RunConfig, *, evaluat
     ev = config.evaluate
     evaluate_all = ev.all if evaluate_all is None else evaluate_all
     deployed = sampler.deploy()
-    members = list(range(len(model))) if evaluate_all else deployed
+    # the anchors are always measured too: the reference the deployed members are read against
+    anchors = [s.id for s in model.stitches if s.is_anchor]
+    members = list(range(len(model))) if evaluate_all else sorted(set(deployed) | set(anchors))
     t0 = time.time()
     accuracy, correct = evaluate(model, test, members, batch_size=ev.batch_size, progress=progress,
                                  per_example=True, num_workers=config.data.num_workers)

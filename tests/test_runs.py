@@ -91,6 +91,35 @@ def test_a_refused_resume_with_another_config_leaves_the_run_usable(finished_run
     assert main(["deploy", "--run", str(finished_run)]) == 0
 
 
+def test_a_run_written_before_the_image_data_keys_still_deploys(finished_run, tmp_path):
+    """A run directory from before data.dataset, root, train_transform and crop_pct existed (data.image_size
+    224, train/test "train"/"val" filled in, as config.json held them then) still deploys: its checkpoint's
+    identity is read through today's schema."""
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(finished_run, run)
+    old = json.loads((run / "config.json").read_text())
+    for key in ("dataset", "root", "train_transform", "crop_pct"):
+        del old["data"][key]
+    old["data"].update(train="train", test="val", image_size=224)
+    (run / "config.json").write_text(json.dumps(old))
+    for name in ("checkpoint.pt", "checkpoint.pt.prev"):
+        state = torch.load(run / name, weights_only=False)
+        identity = state["metadata"]["run_config"]
+        for key in ("dataset", "root", "train_transform", "crop_pct"):
+            del identity["data"][key]
+        identity["data"].update(train="train", test="val", image_size=224)
+        torch.save(state, run / name)
+    report = json.loads((finished_run / "report.json").read_text())
+    assert main(["deploy", "--run", str(run)]) == 0
+    again = json.loads((run / "report.json").read_text())
+    assert [m["accuracy"] for m in again["members"]] == [m["accuracy"] for m in report["members"]]
+    old["train"]["epochs"] = 9  # a real difference is still refused
+    (run / "config.json").write_text(json.dumps(old))
+    assert main(["deploy", "--run", str(run)]) == 2
+
+
 def test_a_fresh_run_refuses_a_directory_holding_a_run(finished_run, tmp_path, capsys):
     before = _snapshot(finished_run)
     assert _train(tmp_path, finished_run) == 2
@@ -282,7 +311,9 @@ _KEYS = [
     ("train.nonfinite", 1, "ignore"), ("train.seed", "0", -1),
     ("stitching.kernel_size", "2", 0), ("stitching.stride", 1.5, 0),
     ("evaluate.all", "yes", None), ("evaluate.batch_size", "x", 0),
-    ("data.image_size", "abc", 0), ("data.num_workers", "2", -1), ("data.train", 3, None),
+    ("data.image_size", "abc", 0), ("data.num_workers", "2", -1), ("data.train", 3, None), ("data.test", [], None),
+    ("data.builtin", 7, None), ("data.folder", True, None), ("data.dataset", 5, "imagenet"), ("data.root", 3, None),
+    ("data.train_transform", 1, "random"), ("data.crop_pct", "0.9", 1.5),
     ("num_classes", "5", 0), ("device", 5, "tpu"),
 ]
 
@@ -323,7 +354,7 @@ def test_the_schema_covers_every_key():
     sections = {"train": TrainConfig, "stitching": StitchingSpec, "evaluate": EvaluateSpec, "data": DataSpec}
     expected = {f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)}
     expected |= {"num_classes", "device"}
-    untested = expected - tested - {"data.builtin", "data.folder", "data.test"}
+    untested = expected - tested
     assert not untested, untested
     assert {f.name for f in dataclasses.fields(RunConfig)} == {"anchors", "data", "num_classes", "stitching", "train",
                                                                  "evaluate", "device"}

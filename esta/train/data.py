@@ -5,28 +5,67 @@ Data order. Epoch e visits the training set in the permutation drawn from seed +
 takes every world_size-th sample of each micro-batch slice. The adapt-then-stitch phase replays epochs
 0..adapt_epochs-1 for each anchor. The order depends on the step only, so a resumed run sees the very
 batches of the uninterrupted one, whatever the number of DataLoader workers (which only decode samples).
+
+Random views (augmentation). A dataset that subclasses `RandomViews` gives a deterministic sample for
+`data[i]` and a random training view for `data[(i, seed)]`, whose randomness comes from the integer seed
+alone. The training loader asks for `(i, draw_seed(run seed, epoch, i))`, the epoch counted from the start
+of training (step // steps per epoch, the adapt-then-stitch phase included): each pass over the data sees
+fresh views, and the views of a step, like its samples, are a function of the step only, the same on every
+rank, in every DataLoader worker and after a resume. Any other dataset is read by index as before.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional
+import hashlib
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from esta.tasks import ClassificationTask, Task
 
-__all__ = ["StepBatchSampler", "step_loader", "calibration_images"]
+__all__ = ["RandomViews", "draw_seed", "StepBatchSampler", "step_loader", "calibration_images"]
+
+
+class RandomViews(Dataset):
+    """Base of datasets with random training views: `data[i]` is `test_sample(i)`, the deterministic sample;
+    `data[(i, seed)]` is `train_sample(i, seed)`, a random view drawn from `seed` alone (module docstring).
+    `random_views` False (an instance whose training view is not random) lets the loader read by index."""
+
+    random_views = True
+
+    def test_sample(self, index: int):
+        raise NotImplementedError
+
+    def train_sample(self, index: int, seed: int):
+        raise NotImplementedError
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+        if isinstance(key, tuple):
+            index, seed = key
+            return self.train_sample(int(index), int(seed))
+        return self.test_sample(int(key))
+
+
+def draw_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample `index`'s random view in epoch `epoch` of a run seeded `seed`: 63 well-mixed bits
+    (neighbouring samples and epochs get unrelated views)."""
+    digest = hashlib.blake2b(f"esta-view:{int(seed)}:{int(epoch)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
 class StepBatchSampler(Sampler[List[int]]):
-    """The index lists of the micro-batches of optimizer steps [start, stop), this rank's share, in order."""
+    """The index lists of the micro-batches of optimizer steps [start, stop), this rank's share, in order.
+    With `views=True` each index comes as `(index, draw_seed(seed, step // steps_per_epoch, index))`, the key
+    a `RandomViews` dataset reads its training view by."""
 
     def __init__(self, num_samples: int, *, seed: int, steps_per_epoch: int, batch_size: int, accum_steps: int,
-                 rank: int, world: int, adapt_steps: int, adapt_epochs: int, start: int, stop: int) -> None:
+                 rank: int, world: int, adapt_steps: int, adapt_epochs: int, start: int, stop: int,
+                 views: bool = False) -> None:
         self.num_samples, self.seed, self.steps_per_epoch = num_samples, seed, steps_per_epoch
         self.batch_size, self.accum_steps, self.rank, self.world = batch_size, accum_steps, rank, world
         self.adapt_steps, self.adapt_epochs = adapt_steps, adapt_epochs
         self.start, self.stop = start, stop
+        self.views = views
         self._perm = (None, None)  # (epoch, permutation) of the last epoch drawn
 
     def _permutation(self, epoch: int) -> Tensor:
@@ -49,9 +88,18 @@ class StepBatchSampler(Sampler[List[int]]):
         return [chunk[m * per_micro:(m + 1) * per_micro][self.rank::self.world].tolist()
                 for m in range(self.accum_steps)]
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def step_keys(self, step: int) -> list:
+        """The micro-batches of step `step` as the loader asks the dataset for them: the indices, or with
+        `views=True` the (index, view seed) pairs."""
+        batches = self.step_indices(step)
+        if not self.views:
+            return batches
+        epoch = step // self.steps_per_epoch
+        return [[(i, draw_seed(self.seed, epoch, i)) for i in batch] for batch in batches]
+
+    def __iter__(self) -> Iterator[list]:
         for step in range(self.start, self.stop):
-            yield from self.step_indices(step)
+            yield from self.step_keys(step)
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.accum_steps

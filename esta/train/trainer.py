@@ -67,7 +67,7 @@ from esta.distributed import all_reduce_scores, world, wrap_ddp
 from esta.sampling import TaskSpecificSampler, snip_sum
 from esta.tasks import ClassificationTask, Task
 from esta.train.config import TrainConfig
-from esta.train.data import StepBatchSampler, calibration_images, step_loader
+from esta.train.data import RandomViews, StepBatchSampler, calibration_images, step_loader
 from esta.train.schedule import WarmupCosine
 
 __all__ = ["Trainer", "prepare_model", "NonFiniteLossError"]
@@ -179,7 +179,7 @@ class Trainer:
         return StepBatchSampler(len(self.data), seed=c.seed, steps_per_epoch=self.steps_per_epoch,
                                 batch_size=c.batch_size, accum_steps=c.accum_steps, rank=self.rank,
                                 world=self.world, adapt_steps=self.adapt_steps, adapt_epochs=c.adapt_epochs,
-                                start=start, stop=self.total_steps)
+                                start=start, stop=self.total_steps, views=_random_views(self.data))
 
     def _batches(self, step: int):
         """The micro-batches (this rank's share) of global step `step`, on the training device."""
@@ -439,6 +439,10 @@ def _to(inputs, device):
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_to(v, device) for v in inputs)
     return inputs.to(device)
+
+
+def _random_views(data) -> bool:
+    return isinstance(data, RandomViews) and bool(data.random_views)
 
 
 def _grad(p):
