@@ -348,7 +348,13 @@ def test_a_request_without_content_length_gets_411(server):
     host, port = server.address
     with socket.create_connection((host, port), timeout=30) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n\r\n")
-        reply = s.recv(65536).decode()
+        chunks = []
+        while True:  # the server answers, then closes the connection
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        reply = b"".join(chunks).decode()
     assert reply.startswith("HTTP/1.1 411") and "needs a Content-Length" in reply
 
 

@@ -109,23 +109,68 @@ class RowBiasLinear(nn.Module):
     def num_rows(self) -> int:
         return 0 if self.table is None else self.table.shape[0]
 
-    def forward(self, x: Tensor, ids: Union[int, Tensor, None] = None) -> Tensor:
+    def forward(self, x: Tensor, ids: Union[int, Tensor, "_RowIds", None] = None) -> Tensor:
         if self.table is None:
             return F.linear(x, self.weight, self.bias)
         if ids is None:
             ids = _BLOCK_IDS.get()
         if ids is None:
             raise RuntimeError("RowBiasLinear: no stitch-bias ids (the Palette sets them for every block it runs)")
-        if isinstance(ids, Tensor) and x.dim() > 2:
-            if ids.shape != (x.shape[0],):
-                raise ValueError(f"RowBiasLinear: ids must hold one id per batch row ({x.shape[0]}), got shape "
-                                 f"{tuple(ids.shape)}")
-            ids = ids.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[:-1])
+        if isinstance(ids, _RowIds):
+            ids = ids.value if not isinstance(ids.value, Tensor) else ids.expanded(x)
+        elif isinstance(ids, Tensor):
+            ids = _RowIds(ids).expanded(x)
+        if not isinstance(ids, Tensor):
+            # every row takes the same bias row: nothing to select, so it is folded into the bias, as the
+            # export folds it, and the layer is a plain linear
+            return F.linear(x, self.weight, self._row_bias(ids))
         return esta_kernels.stitched_linear(x, self.weight, self.bias, None, None, self.table, ids,
                                             backend=self.backend)
 
+    def _row_bias(self, row: int) -> Optional[Tensor]:
+        """bias + table[row], added in float32 (float64 for float64 weights) as `StitchedLinear.merged` adds
+        them for an export."""
+        if row < 0:
+            return self.bias
+        dtype = self.weight.dtype
+        if dtype in (torch.float32, torch.float64) and self.table.dtype == dtype:
+            return self.table[row] if self.bias is None else self.bias + self.table[row]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        bias = self.table[row].to(acc)
+        if self.bias is not None:
+            bias = self.bias.to(acc) + bias
+        return bias.to(dtype)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rows={self.num_rows}"
+
+
+class _RowIds:
+    """Per-row stitch-bias ids of one block call: an int (all rows alike) or one id per batch row, expanded
+    once per activation shape, so the block's linears share one ids tensor (whose flat copy and range
+    check the op then makes once)."""
+
+    __slots__ = ("value", "_expanded")
+
+    def __init__(self, value: Union[int, Tensor]) -> None:
+        self.value = value
+        self._expanded: Dict[Tuple[int, ...], Tensor] = {}
+
+    def expanded(self, x: Tensor) -> Tensor:
+        shape = tuple(x.shape[:-1])
+        hit = self._expanded.get(shape)
+        if hit is None:
+            ids = self.value
+            if ids.dim() != 1 or x.dim() < 2 or ids.shape[0] != x.shape[0]:
+                raise ValueError(f"RowBiasLinear: ids must hold one id per batch row ({x.shape[0]}), got shape "
+                                 f"{tuple(ids.shape)}")
+            # materialized as a normal (not inference-mode) tensor: the op keeps a memo keyed on the ids
+            # tensor's version counter, which inference tensors lack
+            with torch.inference_mode(False):
+                hit = ids.clone() if x.dim() == 2 else \
+                    ids.reshape((-1,) + (1,) * (x.dim() - 2)).expand(shape).contiguous()
+            self._expanded[shape] = hit
+        return hit
 
 
 class _Dropped(nn.Module):
@@ -423,9 +468,10 @@ class Palette(nn.Module):
         next(iter(self.anchors.values())).check_input(inputs, "Palette")
 
     # ------------------------------------------------------------------------------------ forward
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, inputs: Tensor, members) -> Tensor:
-        """Outputs of a mixed batch: row r runs member members[r] (an int: every row)."""
+        """Outputs of a mixed batch: row r runs member members[r] (an int: every row). Runs under
+        `torch.inference_mode`: the outputs are inference tensors (no autograd)."""
         self.check_inputs(inputs)
         ids = self.check_members(members, inputs.shape[0])
         groups: Dict[int, List[int]] = {}
@@ -467,7 +513,7 @@ class Palette(nn.Module):
                     if not active:
                         continue
                     lo, hi = offset[active[0]], offset[active[-1]] + count[active[-1]]
-                    _BLOCK_IDS.set(_row_ids(self._block_rows[(a, b)], active, count, dev))
+                    _BLOCK_IDS.set(_RowIds(_row_ids(self._block_rows[(a, b)], active, count, dev)))
                     buf[lo:hi] = block(buf[lo:hi])
                 _BLOCK_IDS.set(None)
                 # leave through the stitching layers, each layer once over its rows
