@@ -12,6 +12,9 @@
                              deployment in esta.deploy, process groups in esta.distributed; run directories
                              in esta.runs, their configuration in esta.config; the `esta` command line in
                              esta.cli
+    esta.serving             palette serving: every deployed member from one set of weights, mixed-stitch
+                             batches, budget routing, `esta serve` (imported on its own: `from esta.serving
+                             import Palette`)
 
 The kernels live in `esta_kernels`; `esta` builds on them (never the reverse).
 """

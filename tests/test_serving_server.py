@@ -447,3 +447,25 @@ def test_esta_serve_command_errors(run, tmp_path, capsys):
         taken.listen()
         assert main(["serve", "--run", run, "--port", str(taken.getsockname()[1])]) == 2
     assert "cannot listen on" in capsys.readouterr().err
+
+
+def test_the_serving_benchmark_harness_runs(run, tmp_path, capsys):
+    """bench/serve.py end to end on the small run, tiny counts (it measures nothing here; the harness must
+    not rot): the three set-ups, the bytes, the load test with its bad requests, the goals."""
+    sys.path.insert(0, ROOT)
+    from bench import serve
+
+    threads = torch.get_num_threads()
+    try:
+        out = serve.main(["--run", run, "--quick", "--threads", "1", "--load-seconds", "60",
+                          "--out", str(tmp_path / "serve.json")])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "serve.json").read_text())["goals"] == out["goals"]
+    assert {r["setup"][0] for r in out["compare"]["rows"]} == {"a", "b", "c"}
+    assert out["compare"]["check_max_abs_diff"] <= 1e-5
+    assert out["bytes"]["c_palette"] < out["bytes"]["a_b_exports"]
+    load = out["load"]
+    assert load["failed"] == 0 and load["requests"] == 12 and load["bad_all_4xx"] and load["shutdown_exit_code"] == 0
+    assert len(load["bad_requests"]) == 7 and "goals:" in printed

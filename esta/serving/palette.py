@@ -550,7 +550,7 @@ class Palette(nn.Module):
 
     # ------------------------------------------------------------------------------------ latency
     @torch.no_grad()
-    def measure_latency(self, *, repeats: int = 5, warmup: int = 2) -> Dict[int, float]:
+    def measure_latency(self, *, repeats: int = 7, warmup: int = 2) -> Dict[int, float]:
         """Measures each served member's latency here: the median wall time of one example alone through
         the palette, in milliseconds (kept in `latency_ms`, used by latency budgets)."""
         if self.example_shape is None:
@@ -559,16 +559,16 @@ class Palette(nn.Module):
             raise ValueError(f"Palette.measure_latency: repeats must be an int >= 1, got {repeats!r}")
         x = torch.zeros((1,) + self.example_shape, dtype=self.dtype, device=self.device)
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        for m in self.served:
-            times = []
-            for i in range(warmup + repeats):
+        times: Dict[int, List[float]] = {m: [] for m in self.served}
+        for i in range(warmup + repeats):  # members take turns, so a passing load hits them alike
+            for m in self.served:
                 sync()
                 t0 = time.perf_counter()
                 self(x, [m])
                 sync()
                 if i >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
-            self.latency_ms[m] = statistics.median(times)
+                    times[m].append((time.perf_counter() - t0) * 1e3)
+        self.latency_ms = {m: statistics.median(v) for m, v in times.items()}
         return dict(self.latency_ms)
 
     # ------------------------------------------------------------------------------------ routing
