@@ -2,8 +2,7 @@
 
     python -m bench.serve --run esta-demo                  # CPU: ~3 minutes on 2 idle cores
     python -m bench.serve --run esta-demo --threads 1      # steadier when other work shares the machine
-    python -m bench.serve --run esta-demo --device cuda    # the GPU check's part (in-process set-ups only
-                                                           # on the GPU; the server load test too with --load)
+    python -m bench.serve --run esta-demo --device cuda    # the GPU check's part (set-ups and server on the GPU)
     python -m bench.serve --run RUN --quick                # checks the harness in seconds, measures nothing
 
 The run: a trained and deployed run directory (`esta demo` makes one: 6 deployed members of three ViTs).
@@ -72,11 +71,6 @@ def _percentile(values: List[float], q: float) -> float:
         return float("nan")
     k = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
     return s[k]
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class Setup:
@@ -154,8 +148,9 @@ def compare(palette, exports, device, *, requests, concurrencies, max_batch, rou
     if not worst <= 1e-5:
         raise SystemExit(f"bench.serve: the palette differs from the exports by {worst:.3g} (> 1e-5); not timing it")
     with torch.no_grad():
-        for s in setups:  # warm-up: every member, every set-up
-            _closed_loop(s, stream, 0, 2 * max(concurrencies), max(concurrencies), max_batch)
+        for s in setups:  # warm-up: every set-up at every concurrency (batch shapes; autotuning on a GPU)
+            for c in concurrencies:
+                _closed_loop(s, stream, 0, 2 * c, c, max_batch)
         # the machine-relative latency bound: one request alone through its export
         alone = _closed_loop(setups[0], stream, 0, 2 * len(members) * 4, 1, 1)[0]
         single_ms = 1e3 * statistics.median(alone)
@@ -193,12 +188,12 @@ def _post(conn, body):
     return resp.status, json.loads(resp.read())
 
 
-def load_test(run, *, requests, clients, seconds, threads, max_batch, max_wait_ms, seed):
+def load_test(run, *, device, requests, clients, seconds, threads, max_batch, max_wait_ms, seed):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "esta", "serve", "--run", run, "--port", "0", "--max-batch-size", str(max_batch),
-           "--max-wait-ms", str(max_wait_ms)]
+           "--max-wait-ms", str(max_wait_ms), "--device", str(device)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log = []
     try:
@@ -359,7 +354,7 @@ def main(argv=None):
                      max_batch=args.max_batch, rounds=args.rounds, seed=args.seed, bound_ms=args.latency_bound_ms)
     load = None
     if args.load:
-        load = load_test(args.run, requests=args.load_requests, clients=args.load_clients, seconds=args.load_seconds,
+        load = load_test(args.run, device=device, requests=args.load_requests, clients=args.load_clients, seconds=args.load_seconds,
                          threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, seed=args.seed)
 
     best = result["best_within_bound"]

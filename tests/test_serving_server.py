@@ -107,6 +107,31 @@ def test_from_run_members_and_errors(run, tmp_path):
         Palette.from_run(str(tmp_path), "all", log=None)
 
 
+def test_restore_model_checks_the_configuration_and_overrides_the_device(run, tmp_path):
+    from esta.config import ConfigError
+    from esta.runs import RunError, restore_model
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    config = json.loads((other / "config.json").read_text())
+    config["train"]["seed"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match=r"another configuration .*config.train.seed"):
+        restore_model(str(other), log=None)
+    # a run trained elsewhere (here: a config naming a GPU this machine may lack) is served on the CPU
+    config["train"]["seed"] -= 1
+    config["device"] = "cuda:7"
+    (other / "config.json").write_text(json.dumps(config))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device"):
+            restore_model(str(other), log=None)
+    _, model = restore_model(str(other), device="cpu", log=None)
+    _, reference = restore_model(run, log=None)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_serving_a_run_does_not_open_its_data(run, monkeypatch):
     import esta.factory
     import esta.runs
