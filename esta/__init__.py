@@ -19,6 +19,9 @@
                              augmentation recipes, named datasets (FGVC, CIFAR-100, VTAB-1k) from local files
     esta.presets, esta.sweep, esta.multitask   the paper's recipes (configs/), the lr grid on the validation
                              split, several tasks per FLOPs interval and group
+    esta.serving             palette serving: every deployed member from one set of weights, mixed-stitch
+                             batches, budget routing, `esta serve` (imported on its own: `from esta.serving
+                             import Palette`)
 
 The kernels live in `esta_kernels`; `esta` builds on them (never the reverse).
 """

@@ -12,6 +12,7 @@
                                                tokenizer is read from DIR or from --tokenizer PATH
     esta report RUN1 RUN2 ... [--out DIR]      several tasks per FLOPs interval and group (esta.multitask)
     esta bench                                 the fused stitched-linear op against F.linear on this machine
+    esta serve --run DIR [--host H] [--port P] the deployed members as one palette over HTTP (esta.serving)
     torchrun --nproc_per_node=N -m esta train --config FILE    distributed (DDP) training
 
 A configuration problem (a bad key or value, a run directory in use or holding another run, a refused
@@ -99,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="of the sampling generator")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p = sub.add_parser("serve", help="serve a trained run's deployed members from one set of weights over HTTP")
+    p.add_argument("--run", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
+    p.add_argument("--members", default="deployed", help="'deployed' (default), 'all', or ids like 2,7,14")
+    p.add_argument("--device", default=None, help="default: the run's device")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--access-log", action="store_true")
     p = sub.add_parser("bench", help="time the fused stitched-linear op against F.linear here")
     p.add_argument("--shape", default="vit-s", choices=("vit-s", "vit-b", "llama"))
     p.add_argument("--backend", default="auto")
@@ -149,6 +160,23 @@ def _check_args(args) -> None:
             raise ConfigError("--device", f"is {args.device!r} but no CUDA GPU is available here")
         if args.export is not None and not os.path.isdir(args.export):
             raise ConfigError("--export", f"{args.export} is not a directory")
+    if args.command == "serve":
+        if not 0 <= args.port <= 65535:
+            raise ConfigError("--port", f"must be in [0, 65535], got {args.port}")
+        if args.max_batch_size < 1:
+            raise ConfigError("--max-batch-size", f"must be at least 1, got {args.max_batch_size}")
+        if not 0 <= args.max_wait_ms < 1e6:
+            raise ConfigError("--max-wait-ms", f"must be in [0, 1e6), got {args.max_wait_ms}")
+        if args.max_body_bytes < 1:
+            raise ConfigError("--max-body-bytes", f"must be at least 1, got {args.max_body_bytes}")
+        if args.members not in ("deployed", "all"):
+            try:
+                args.members = [int(v) for v in args.members.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError("--members", f"must be 'deployed', 'all' or ids like 2,7,14, got "
+                                               f"{args.members!r}") from None
+        if not os.path.isdir(args.run):
+            raise ConfigError("--run", f"{args.run} is not a run directory")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -212,6 +240,16 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        from esta.serving.palette import PaletteError
+        from esta.serving.server import serve_run
+
+        try:
+            return serve_run(args.run, host=args.host, port=args.port, members=args.members, device=args.device,
+                             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                             max_body_bytes=args.max_body_bytes, access_log=args.access_log)
+        except PaletteError as e:
+            raise ConfigError("--members", str(e)) from None
     if args.command == "bench":
         from esta.benchmark import run_bench
 

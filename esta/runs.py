@@ -3,6 +3,7 @@
     train_run(config, out)              train (or resume) into the run directory `out`, then deploy
     deploy_run(run)                     the top-score stitch per interval, report + plot + exports
     export_member(run, i, directory)    one member as safetensors + JSON
+    restore_model(run)                  (config, model) for inference, without opening the data
 
 A run directory holds config.json, checkpoint.pt (and checkpoint.pt.prev, the one before), history.json,
 report.json, report.png and export/ (the deployed members). The rules:
@@ -36,10 +37,10 @@ from esta.config import ConfigError, RunConfig, config_dict, load_config, parse_
 from esta.distributed import init_distributed
 from esta.factory import (check_anchors, check_data, create_data, create_model, data_fingerprint,
                           describe_fingerprint_change)
-from esta.train import Trainer, calibration_images
+from esta.train import Trainer, calibration_images, load_model_state, prepare_model
 
-__all__ = ["RunError", "run_lock", "train_run", "deploy_run", "export_member", "restore_run", "resolve_device",
-           "run_identity", "read_json", "write_json"]
+__all__ = ["RunError", "run_lock", "train_run", "deploy_run", "export_member", "restore_run", "restore_model",
+           "resolve_device", "run_identity", "read_json", "write_json"]
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
@@ -269,6 +270,49 @@ def restore_run(run: str, *, log=print):
                       metadata=_metadata(config, fingerprint))
     trainer.load_state_dict(state)
     return config, model, trainer, test
+
+
+def restore_model(run: str, *, device=None, log=print):
+    """(config, model) of a trained run for inference, in eval mode: the seeded model with the checkpoint's
+    trained parameters, as `restore_run` rebuilds it, but without opening the data or building a trainer
+    (a serving machine need not hold the training data; the data fingerprint is therefore not checked,
+    the configuration is). `device` overrides the run's device (a run trained on a GPU can be served on
+    a CPU and the other way round)."""
+    config_path = os.path.join(run, "config.json")
+    if not os.path.isfile(config_path):
+        raise RunError(f"{run} is not a run directory (no config.json); run `esta train` first")
+    config = load_config(config_path) if device is None else _config_on(config_path, device)
+    target = resolve_device(config) if device is None else torch.device(device)
+    try:
+        state, used = load_checkpoint(os.path.join(run, CHECKPOINT), map_location="cpu", log=log)
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
+    saved = state.get("metadata", {}).get("run_config") if isinstance(state, dict) else None
+    if saved is not None and saved != _identity(config):
+        raise RunError(f"the checkpoint {used} belongs to another configuration than {config_path} "
+                       f"({', '.join(_dict_diff(saved, _identity(config)))})")
+    model = _seeded_model(config, target)
+    torch.manual_seed(config.train.seed)  # as the trainer does before preparing the model
+    prepare_model(model, config.train)
+    try:
+        load_model_state(model, state, f"restore_model: {used}")
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return config, model.eval()
+
+
+def _config_on(path: str, device) -> RunConfig:
+    """The run's configuration with its device replaced (validated as any configuration is)."""
+    with open(path) as f:
+        try:
+            values = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError("", f"cannot parse {path}: {e}") from None
+    if isinstance(values, dict):
+        values["device"] = str(torch.device(device))
+    return parse_config(values)
 
 
 def _deploy(model, sampler, flops, test, out: str, config: RunConfig, *, evaluate_all: Optional[bool] = None,

@@ -70,7 +70,7 @@ from esta.train.config import TrainConfig
 from esta.train.data import RandomViews, StepBatchSampler, calibration_images, step_loader
 from esta.train.schedule import WarmupCosine
 
-__all__ = ["Trainer", "prepare_model", "NonFiniteLossError"]
+__all__ = ["Trainer", "prepare_model", "load_model_state", "NonFiniteLossError"]
 
 _CHECKPOINT_VERSION = 2
 
@@ -398,14 +398,7 @@ class Trainer:
         if state.get("world", 1) != self.world:
             raise ValueError(f"Trainer.load_state_dict: the checkpoint was written by {state.get('world', 1)} "
                              f"process(es), this run has {self.world}: the global batch would change")
-        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        if set(state["trainable"]) != names:
-            raise ValueError("Trainer.load_state_dict: the checkpoint's trainable parameters do not match the model's")
-        self.model.stitching_layers.load_state_dict(state["stitching_layers"])
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                params[n].copy_(t)
+        load_model_state(self.model, state, "Trainer.load_state_dict")
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
@@ -443,6 +436,23 @@ def _to(inputs, device):
 
 def _random_views(data) -> bool:
     return isinstance(data, RandomViews) and bool(data.random_views)
+
+
+def load_model_state(model, state: Dict[str, object], where: str = "load_model_state") -> None:
+    """Copies what a checkpoint holds of the model (the trainable parameters and the stitching layers) into
+    `model`, which `prepare_model` has already prepared as the run's trainer did (so the trainable set is
+    the same). Used by `Trainer.load_state_dict` and by inference restores that need no trainer."""
+    if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
+        found = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{where}: not an esta training checkpoint of version {_CHECKPOINT_VERSION} (found {found!r})")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state["trainable"]) != names:
+        raise ValueError(f"{where}: the checkpoint's trainable parameters do not match the model's")
+    model.stitching_layers.load_state_dict(state["stitching_layers"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state["trainable"].items():
+            params[n].copy_(t)
 
 
 def _grad(p):
