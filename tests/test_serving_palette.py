@@ -248,18 +248,41 @@ def test_bad_members_and_inputs_raise_clear_errors(nearest):
         Palette(nn.Linear(2, 2))
 
 
-def test_anchors_with_block_inputs_are_refused():
-    class KwargsAnchor(SequentialBlocksAnchor):
-        def block_kwargs(self, x, tokens, **extra):
-            return {}
+def test_anchors_with_block_inputs_get_them_cut_per_row():
+    """An anchor whose blocks take extra inputs (block_kwargs) gets, for every block slice, the keyword
+    arguments built from exactly that slice's rows and their per-row extra inputs (here a per-row gain)."""
 
-    from test_stitchable import _MLPBlock
+    class GainBlock(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
 
-    anchors = [KwargsAnchor(nn.Linear(16, d), nn.ModuleList(_MLPBlock(d) for _ in range(2)), nn.Linear(d, 5),
-                            family="mlp", embed_type="v", attention_linears=["fc1"]) for d in (8, 12)]
-    with pytest.raises(NotImplementedError, match="block_kwargs"):
-        Palette(StitchableModel(anchors))
-    assert Anchor.block_kwargs is not KwargsAnchor.block_kwargs
+        def forward(self, x, gain):
+            return x + gain[:, None] * self.fc2(torch.relu(self.fc1(x)))
+
+    class GainAnchor(SequentialBlocksAnchor):
+        def block_kwargs(self, x, tokens, *, gain=None, **extra):
+            if gain is None:  # FLOPs counting
+                gain = tokens.new_ones(tokens.shape[0])
+            assert x.shape[0] == tokens.shape[0] == gain.shape[0]  # the slice's rows, all three
+            return {"gain": gain}
+
+        def head(self, tokens, **extra):
+            return super().head(tokens)
+
+    torch.manual_seed(0)
+    anchors = [GainAnchor(nn.Linear(16, d), nn.ModuleList(GainBlock(d) for _ in range(3)), nn.Linear(d, 5),
+                          family="mlp", embed_type="v", attention_linears=["fc1"]) for d in (8, 12)]
+    model = StitchableModel(anchors).eval()
+    palette = Palette(model, list(range(len(model))), example_shape=(16,))
+    n = 3 * len(model)
+    members = [i % len(model) for i in range(n)]
+    x, gain = torch.randn(n, 16), torch.rand(n) + 0.5
+    got = palette(x, members, gain=gain)
+    with torch.no_grad():
+        for r, m in enumerate(members):
+            ref = model(x[r:r + 1], stitch=m, gain=gain[r:r + 1])
+            assert torch.allclose(got[r:r + 1], ref, atol=ATOL, rtol=0), (r, m)
 
 
 # ---------------------------------------------------------------------------------- routing
@@ -327,3 +350,66 @@ def test_flops_default_to_the_models_count(nearest):
     for m in (0, 7):
         assert palette.members[m].flops == nearest.flops(m, (1, 3, 16, 16))
     assert palette.example_shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------- decoder anchors (prefill)
+
+def _decoder_model(impl):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from esta import HFCausalLMAnchor
+
+    anchors = []
+    for seed, (hidden, layers) in enumerate([(32, 2), (48, 3)]):
+        config = transformers.LlamaConfig(vocab_size=61, hidden_size=hidden, intermediate_size=2 * hidden,
+                                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64, pad_token_id=0)
+        config._attn_implementation = impl
+        torch.manual_seed(seed)
+        anchors.append(HFCausalLMAnchor(transformers.LlamaForCausalLM(config).eval()))
+    model = StitchableModel(anchors, kernel_size=1, stride=1).eval()
+    model.init_stitching_layers(torch.randint(3, 61, (4, 8), generator=torch.Generator().manual_seed(1)))
+    model.to_pst()
+    return _randomize(model)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_decoder_prefill_mixed_batch_equals_each_export(impl, side):
+    from esta.hf import mask_positions
+
+    model = _decoder_model(impl)
+    palette = Palette(model, list(range(len(model))))
+    n = 2 * len(model)
+    members = torch.randperm(n, generator=torch.Generator().manual_seed(3)).remainder(len(model)).tolist()
+    ids = torch.randint(3, 61, (n, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    for r in range(0, n, 3):  # every third row padded by 3 on `side`
+        mask[r, :3] = 0 if side == "left" else 1
+        mask[r, -3:] = 0 if side == "right" else 1
+    ids = ids.masked_fill(mask == 0, 0)
+    extra = {"attention_mask": mask}
+    if side == "left":
+        extra["position_ids"] = mask_positions(mask)
+    got = palette(ids, members, **extra)
+    assert got.shape == (n, 9, 61)
+    worst, nets = 0.0, {m: model.export(m) for m in set(members)}
+    for r, m in enumerate(members):
+        net = nets[m]
+        with torch.no_grad():
+            ref = net(ids[r:r + 1], **{k: v[r:r + 1] for k, v in extra.items()}).logits[0]
+        keep = mask[r].bool()
+        worst = max(worst, (got[r][keep] - ref[keep]).abs().max().item())
+    assert worst <= ATOL, worst
+    # the rows really mix: stitches and both anchors in one batch
+    assert {0, len(model) - 1} <= set(members) and len(set(members)) == len(model)
+
+
+def test_decoder_palette_refuses_float_inputs_and_bad_token_ids():
+    model = _decoder_model("sdpa")
+    palette = Palette(model, [0, 1])
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+        palette(torch.zeros(2, 5), [0, 1])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        palette(torch.full((2, 5), 61), [0, 1])
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        palette(torch.ones(2, 5, dtype=torch.long), [0, 1], attention_mask=torch.ones(2, 4, dtype=torch.long))

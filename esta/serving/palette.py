@@ -32,8 +32,12 @@ ids again) and are written into their end anchor's buffer; the rows whose path e
 own and the entering ones, a prefix of the buffer) go through its head. Each row's output equals its
 member's `StitchableModel.export(i)` run alone (float32 rounding apart).
 
-Anchors whose blocks take extra inputs (`Anchor.block_kwargs`, e.g. decoder masks and positions) are not
-served yet; see docs/serving.md for how their prefill fits this layout.
+Anchors whose blocks take extra inputs (`Anchor.block_kwargs`: decoders' masks, positions and rotary
+embeddings) are served for prefill: per-row extra inputs (`attention_mask`, `position_ids` of shape (batch,
+...)) are laid out in each anchor's buffer order beside the rows, and every block slice gets the keyword
+arguments its anchor builds for exactly the rows in it (a row's attention never reaches another row, so
+cutting a batch into slices changes nothing). Decoder inputs are token ids (batch, tokens), every row of a
+batch the same length (pad, and give `attention_mask`); the outputs are the logits of every position.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import esta_kernels
-from esta.anchors import Anchor, TimmViTAnchor
+from esta.anchors import Anchor, HFCausalLMAnchor, TimmViTAnchor, run_block
 from esta.model import StitchableModel
 from esta.nn.stitched_linear import StitchedLinear
 
@@ -301,11 +305,6 @@ class Palette(nn.Module):
             if not 0 <= m < size:
                 raise UnknownMemberError(f"Palette: member {m} is outside the model's palette [0, {size})")
         infos = {m: model.stitches[m] for m in served}
-        for anchor in model.anchors:
-            if type(anchor).block_kwargs is not Anchor.block_kwargs:
-                raise NotImplementedError(
-                    f"Palette: {type(anchor).__name__} blocks take extra inputs (block_kwargs); serving them in "
-                    f"mixed batches needs those inputs cut per row (see docs/serving.md)")
         for info in infos.values():
             if not info.is_anchor and info.front >= info.end:
                 raise NotImplementedError(f"Palette: stitch {info.id} runs anchor {info.front} before anchor "
@@ -375,6 +374,8 @@ class Palette(nn.Module):
         self._leaving = {a: sorted((m for m, i in infos.items() if not i.is_anchor and i.front == a),
                                    key=lambda m: (-infos[m].front_block, m)) for a in used}
         self.dtype = next(self.parameters()).dtype
+        # token-id inputs (decoders) or float inputs in the palette's dtype (images)
+        self.token_inputs = isinstance(model.anchors[0], HFCausalLMAnchor)
 
     # ------------------------------------------------------------------------------------ building
     @classmethod
@@ -456,7 +457,7 @@ class Palette(nn.Module):
     def check_inputs(self, inputs: Tensor) -> None:
         if not isinstance(inputs, Tensor):
             raise TypeError(f"Palette: inputs must be a tensor, got {type(inputs).__name__}")
-        if inputs.dtype != self.dtype:
+        if not self.token_inputs and inputs.dtype != self.dtype:
             raise TypeError(f"Palette: inputs must be {self.dtype} (the palette's dtype), got {inputs.dtype}")
         if inputs.device != self.device:
             raise ValueError(f"Palette: inputs are on {inputs.device} but the palette is on {self.device}")
@@ -469,17 +470,23 @@ class Palette(nn.Module):
 
     # ------------------------------------------------------------------------------------ forward
     @torch.inference_mode()
-    def forward(self, inputs: Tensor, members) -> Tensor:
-        """Outputs of a mixed batch: row r runs member members[r] (an int: every row). Runs under
+    def forward(self, inputs: Tensor, members, **extra) -> Tensor:
+        """Outputs of a mixed batch: row r runs member members[r] (an int: every row). `extra`: the anchors'
+        extra inputs (decoders: `attention_mask`, `position_ids`); a tensor whose first dimension is the
+        batch is cut per row, anything else is given to every block as it is. Runs under
         `torch.inference_mode`: the outputs are inference tensors (no autograd)."""
         self.check_inputs(inputs)
         ids = self.check_members(members, inputs.shape[0])
+        for name, value in extra.items():
+            if isinstance(value, Tensor) and value.device != inputs.device:
+                raise ValueError(f"Palette: {name} is on {value.device} but the inputs are on {inputs.device}")
         groups: Dict[int, List[int]] = {}
         for r, m in enumerate(ids):
             groups.setdefault(m, []).append(r)
-        return self._run(inputs, groups)
+        return self._run(inputs, groups, extra)
 
-    def _run(self, inputs: Tensor, groups: Dict[int, List[int]]) -> Tensor:
+    def _run(self, inputs: Tensor, groups: Dict[int, List[int]], extra: Optional[Dict[str, object]] = None) -> Tensor:
+        extra = extra or {}
         dev, batch = inputs.device, inputs.shape[0]
         count = {m: len(rows) for m, rows in groups.items()}
         # the layout of every anchor's buffer (see the module docstring)
@@ -495,6 +502,9 @@ class Palette(nn.Module):
                     n += count[m]
                 plan[a] = (entering, own, leaving, offset, n)
         buffers: Dict[int, Tensor] = {}
+        # per-row extra inputs in each anchor's buffer order (rows of `inputs` in the order of its plan)
+        per_row = {k: v for k, v in extra.items() if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch}
+        shared = {k: v for k, v in extra.items() if k not in per_row}
         out = None
         token = _BLOCK_IDS.set(None)
         try:
@@ -507,6 +517,16 @@ class Palette(nn.Module):
                         buffers[a] = tokens.new_empty((size,) + tuple(tokens.shape[1:]))
                     buffers[a][n_enter:] = tokens
                 buf = buffers[a]
+                kwargs_of, rows_extra, rows_in = None, {}, None
+                if extra or type(anchor).block_kwargs is not Anchor.block_kwargs:
+                    # the rows' inputs and per-row extra inputs in this buffer's order
+                    order = torch.tensor([r for m in entering + own + leaving for r in groups[m]], device=dev)
+                    rows_extra = {k: v.index_select(0, order) for k, v in per_row.items()}
+                    rows_in = inputs.index_select(0, order)
+                if type(anchor).block_kwargs is not Anchor.block_kwargs:
+                    def kwargs_of(lo, hi, anchor=anchor, rows_extra=rows_extra, rows_in=rows_in, buf=buf):
+                        sliced = {k: v[lo:hi] for k, v in rows_extra.items()}
+                        return anchor.block_kwargs(rows_in[lo:hi], buf[lo:hi], **shared, **sliced)
                 for b, block in enumerate(anchor.blocks):
                     active = ([m for m in entering if self.members[m].end_block <= b] + own +
                               [m for m in leaving if self.members[m].front_block >= b])
@@ -514,7 +534,10 @@ class Palette(nn.Module):
                         continue
                     lo, hi = offset[active[0]], offset[active[-1]] + count[active[-1]]
                     _BLOCK_IDS.set(_RowIds(_row_ids(self._block_rows[(a, b)], active, count, dev)))
-                    buf[lo:hi] = block(buf[lo:hi])
+                    if kwargs_of is None:
+                        buf[lo:hi] = block(buf[lo:hi])
+                    else:
+                        buf[lo:hi] = run_block(block, buf[lo:hi], kwargs_of(lo, hi))
                 _BLOCK_IDS.set(None)
                 # leave through the stitching layers, each layer once over its rows
                 layers: Dict[str, List[int]] = {}
@@ -535,7 +558,7 @@ class Palette(nn.Module):
                 # the rows whose path ends here: the entering ones and the anchor's own, a prefix
                 n_head = n_enter + (count[a] if own else 0)
                 if n_head:
-                    logits = anchor.head(buf[:n_head])
+                    logits = anchor.head(buf[:n_head], **shared, **{k: v[:n_head] for k, v in rows_extra.items()})
                     if out is None:
                         out = logits.new_empty((batch,) + tuple(logits.shape[1:]))
                     elif logits.shape[1:] != out.shape[1:]:

@@ -408,6 +408,10 @@ def serve_run(run: str, *, host: str = "127.0.0.1", port: int = 8000, members="d
     """`esta serve`: builds the palette of `run`, measures its latencies, serves until SIGINT or SIGTERM."""
     t0 = time.time()
     palette = Palette.from_run(run, members, device=device, log=log)
+    if palette.token_inputs:
+        raise ConfigError("--run", f"{run} is a decoder run; `esta serve` serves image members over HTTP. Serve "
+                                   f"decoder members' prefill in Python: esta.serving.Palette.from_run(RUN)(input_ids, "
+                                   f"members, attention_mask=mask)")
     palette.measure_latency()
     try:
         server = PaletteServer(palette, host=host, port=port, max_batch_size=max_batch_size,
