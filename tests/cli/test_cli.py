@@ -7,6 +7,7 @@ import torch
 from esta.cli import main
 from esta.deploy import build_report, dominance, format_table, mcnemar_p, pareto_front, write_report
 from esta.sampling import TaskSpecificSampler
+from tests.helpers.fake_datasets import image_folder
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 
@@ -58,9 +59,9 @@ def test_dominance_paired_test():
 
 
 def test_report_json_plot_and_share(tmp_path):
-    import test_stitchable_pst as helpers
+    from tests.helpers.models import tiny_model
 
-    model = helpers._model()
+    model = tiny_model()
     flops = model.flops_table((1, 3, 16, 16))
     sampler = TaskSpecificSampler(flops, num_intervals=3, seed=0)
     for i in range(len(model)):
@@ -157,25 +158,10 @@ def test_cli_train_deploy_export(tmp_path, capsys):
     assert "outside" in capsys.readouterr().err
 
 
-def _image_folder(root, splits=("train", "val"), classes=("ant", "bee", "cat"), per_class=6):
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for split in splits:
-        for k, name in enumerate(classes):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                size = (10 + i % 3, 12)  # mixed sizes: the transform resizes and crops
-                pixels = (torch.rand(size[1], size[0], 3, generator=g) * 80 + 60 * k).to(torch.uint8)
-                Image.fromarray(pixels.numpy()).save(d / f"{i}.png")
-    return str(root)
-
-
 def test_cli_train_from_an_image_folder(tmp_path, capsys):
     pytest.importorskip("torchvision", reason="ImageFolder data needs torchvision")
     pytest.importorskip("PIL", reason="ImageFolder data needs pillow")
-    root = _image_folder(tmp_path / "images")
+    root = image_folder(tmp_path / "images")
     rgb = {"img_size": 8, "patch_size": 2, "in_chans": 3, "depth": 2, "num_heads": 2}
     config = _tiny_config(tmp_path, data={"folder": root, "image_size": 8}, num_classes=3,
                           anchors=[{"timm": "vit_tiny_patch16_224", "kwargs": {**rgb, "embed_dim": 8}},
@@ -196,14 +182,14 @@ def test_cli_image_folder_errors(tmp_path, capsys):
     import shutil
 
     root = tmp_path / "images"
-    _image_folder(root, per_class=1)
+    image_folder(root, per_class=1)
     shutil.rmtree(root / "val" / "bee")  # the test split lacks a class: labels would shift
     code = main(["train", "--config", _tiny_config(tmp_path, data={"folder": str(root)}, num_classes=3),
                  "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "class folders of" in err and "bee" in err, err
     root2 = tmp_path / "images2"
-    _image_folder(root2, per_class=1)
+    image_folder(root2, per_class=1)
     code = main(["train", "--config", _tiny_config(tmp_path, data={"folder": str(root2)}, num_classes=5),
                  "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err

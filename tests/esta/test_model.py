@@ -225,19 +225,7 @@ def test_unknown_stitch_id(model):
 
 # ---------------------------------------------------------------- generic block anchors
 
-class _MLPBlock(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
-
-    def forward(self, x):
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-def _generic(dim, family="mlp", embed_type="linear16", depth=3):
-    torch.manual_seed(dim)
-    return SequentialBlocksAnchor(nn.Linear(16, dim), nn.ModuleList(_MLPBlock(dim) for _ in range(depth)),
-                                  nn.Linear(dim, 5), family=family, embed_type=embed_type)
+from tests.helpers.models import generic_anchor as _generic  # noqa: E402
 
 
 def test_generic_anchors_forward_and_measured_flops():

@@ -11,6 +11,7 @@ from esta.anchors import Anchor
 from esta.nn import StitchedLinear
 from esta.serving import BudgetError, Palette, PaletteError, RowBiasLinear, UnknownMemberError
 from esta.serving.palette import _Dropped, anchor_own_bytes, module_bytes
+from tests.helpers.models import MLPBlock
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 
@@ -120,12 +121,11 @@ def test_a_palette_of_some_members_equals_their_exports(nearest):
 
 
 def test_generic_anchors_with_2d_and_3d_tokens():
-    from test_stitchable import _MLPBlock
 
     def anchor(d, tokens):
         torch.manual_seed(d)
         embed = nn.Linear(16, d)
-        return SequentialBlocksAnchor(embed, nn.ModuleList(_MLPBlock(d) for _ in range(3)), nn.Linear(d, 5),
+        return SequentialBlocksAnchor(embed, nn.ModuleList(MLPBlock(d) for _ in range(3)), nn.Linear(d, 5),
                                       family="mlp", embed_type=f"linear16/{tokens}", attention_linears=["fc1"])
 
     for shape in ((4, 16), (16,)):  # (tokens, features) per example, and one feature vector per example
@@ -253,9 +253,8 @@ def test_anchors_with_block_inputs_are_refused():
         def block_kwargs(self, x, tokens, **extra):
             return {}
 
-    from test_stitchable import _MLPBlock
 
-    anchors = [KwargsAnchor(nn.Linear(16, d), nn.ModuleList(_MLPBlock(d) for _ in range(2)), nn.Linear(d, 5),
+    anchors = [KwargsAnchor(nn.Linear(16, d), nn.ModuleList(MLPBlock(d) for _ in range(2)), nn.Linear(d, 5),
                             family="mlp", embed_type="v", attention_linears=["fc1"]) for d in (8, 12)]
     with pytest.raises(NotImplementedError, match="block_kwargs"):
         Palette(StitchableModel(anchors))

@@ -16,17 +16,8 @@ from esta.pst import default_ranks
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 
-WIDTHS = (16, 24, 32)
-
-
-def _vit(dim, seed, depth=3, heads=2, **kw):
-    torch.manual_seed(seed)
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=4, embed_dim=dim, depth=depth, num_heads=heads, num_classes=5, **kw).eval()
-
-
-def _model(**kw):
-    return StitchableModel([TimmViTAnchor(_vit(d, i)) for i, d in enumerate(WIDTHS)], **kw).eval()
+from tests.helpers.models import WIDTHS, MLPBlock, generic_anchor  # noqa: E402
+from tests.helpers.models import tiny_model as _model  # noqa: E402
 
 
 def _images(n, seed=0):
@@ -164,9 +155,8 @@ def test_init_changes_only_frozen_weights_and_leaves_no_hooks():
 
 
 def test_init_generic_anchors():
-    from test_stitchable import _generic
 
-    model = StitchableModel([_generic(8), _generic(12)], kernel_size=2)
+    model = StitchableModel([generic_anchor(8), generic_anchor(12)], kernel_size=2)
     x = torch.randn(6, 5, 16)
     model.init_stitching_layers(x)
     for (p, l), positions in _layer_groups(model).items():
@@ -411,18 +401,17 @@ def test_export_runs_without_esta(trained, tmp_path):
 
 
 def test_export_generic_anchors_and_errors(tmp_path):
-    from test_stitchable import _MLPBlock
 
     def anchor(d):
         torch.manual_seed(d)
-        return SequentialBlocksAnchor(nn.Linear(16, d), nn.ModuleList(_MLPBlock(d) for _ in range(3)),
+        return SequentialBlocksAnchor(nn.Linear(16, d), nn.ModuleList(MLPBlock(d) for _ in range(3)),
                                       nn.Linear(d, 5), family="mlp", embed_type="linear16", attention_linears=["fc1"])
 
     with pytest.raises(ValueError, match="no attention linear"):
-        StitchableModel([SequentialBlocksAnchor(nn.Linear(16, 8), nn.ModuleList([_MLPBlock(8)]), nn.Linear(8, 5),
+        StitchableModel([SequentialBlocksAnchor(nn.Linear(16, 8), nn.ModuleList([MLPBlock(8)]), nn.Linear(8, 5),
                                                 family="mlp", embed_type="linear16")]).to_pst()
     with pytest.raises(ValueError, match="no submodule 'fc9'"):
-        SequentialBlocksAnchor(nn.Linear(16, 8), nn.ModuleList([_MLPBlock(8)]), nn.Linear(8, 5), family="mlp",
+        SequentialBlocksAnchor(nn.Linear(16, 8), nn.ModuleList([MLPBlock(8)]), nn.Linear(8, 5), family="mlp",
                                embed_type="linear16", attention_linears=["fc9"]).attention_linears(0)
     model = StitchableModel([anchor(8), anchor(12)], kernel_size=2).to_pst()
     assert all(isinstance(a.blocks[0].fc1, StitchedLinear) and type(a.blocks[0].fc2) is nn.Linear

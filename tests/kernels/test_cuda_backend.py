@@ -15,7 +15,7 @@ import torch
 
 import esta_kernels
 from esta_kernels import _ext, _ops
-from _inputs import grads_of, make_inputs, reference, reference_grads
+from tests.helpers.inputs import grads_of, make_inputs, reference, reference_grads
 
 HAS_CUDA_KERNELS = _ext.has_cuda_kernels()
 pytestmark = [
