@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (DESIGN.md, "The GPU check"): everything that needs a GPU, in one command, under 8 minutes.
+# The GPU check (docs/architecture.md, "The GPU check"): everything that needs a GPU, in one command, under 8 minutes.
 #
 #   bash bench/gpu_check.sh                 # on a GPU host: build for its arch, pytest -m gpu, benchmark, JSON
 #   bash bench/gpu_check.sh --cpu-dry-run   # anywhere: no build, gpu tests only collected, benchmark harness

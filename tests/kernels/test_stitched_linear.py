@@ -365,7 +365,7 @@ def test_noncontiguous_and_misaligned_operands(backend, dtype):
 @gpu
 @needs_cuda
 # The cuda backend checks device ids without a host sync: a bad one raises a device-side assertion, which
-# ends the CUDA context (tests/test_cuda_backend.py checks it in a child process).
+# ends the CUDA context (tests/kernels/test_cuda_backend.py checks it in a child process).
 @pytest.mark.parametrize("backend", [p for p in GPU_BACKENDS if p.id != "cuda"])
 @pytest.mark.parametrize("bad", [5, -2, 2**40])
 def test_bad_ids_raise_index_error(backend, bad):
