@@ -19,6 +19,11 @@ def tiny_vit(dim, seed, depth=3, heads=2, **kw):
         img_size=16, patch_size=4, embed_dim=dim, depth=depth, num_heads=heads, num_classes=5, **kw).eval()
 
 
+def tiny_images(n, seed=0):
+    """n random 3x16x16 images (the input of `tiny_vit`), seeded."""
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
 def tiny_model(**kw):
     """StitchableModel of three tiny ViTs (widths WIDTHS), in eval mode."""
     return StitchableModel([TimmViTAnchor(tiny_vit(d, i)) for i, d in enumerate(WIDTHS)], **kw).eval()
