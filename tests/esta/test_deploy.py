@@ -1,4 +1,6 @@
 """The deployment report (esta.deploy): Pareto frontier, McNemar dominance test, JSON, plot and shares."""
+import json
+
 import pytest
 import torch
 

@@ -11,22 +11,14 @@ from esta.anchors import Anchor
 from esta.nn import StitchedLinear
 from esta.serving import BudgetError, Palette, PaletteError, RowBiasLinear, UnknownMemberError
 from esta.serving.palette import _Dropped, anchor_own_bytes, module_bytes
-from tests.helpers.models import MLPBlock
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 
-WIDTHS = (16, 24, 32)
+from tests.helpers.models import WIDTHS, MLPBlock  # noqa: E402
+from tests.helpers.models import tiny_images as _images  # noqa: E402
+from tests.helpers.models import tiny_vit as _vit  # noqa: E402
+
 ATOL = 1e-5  # the bound, float32
-
-
-def _vit(dim, seed, depth=3):
-    torch.manual_seed(seed)
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=4, embed_dim=dim, depth=depth, num_heads=2, num_classes=5).eval()
-
-
-def _images(n, seed=0):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
 def _randomize(model, seed=5):
