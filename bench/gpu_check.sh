@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (DESIGN.md, "The GPU check"): everything that needs a GPU, in one command, under 8 minutes.
+# The GPU check (docs/architecture.md, "The GPU check"): everything that needs a GPU, in one command, under 8 minutes.
 #
 #   bash bench/gpu_check.sh                 # on a GPU host: build for its arch, pytest -m gpu, benchmark, JSON
 #   bash bench/gpu_check.sh --cpu-dry-run   # anywhere: no build, gpu tests only collected, benchmark harness
@@ -9,9 +9,9 @@
 #   1. TORCH_CUDA_ARCH_LIST=<the card's, else 9.0> ESTA_BUILD_CUDA=1 pip install --no-build-isolation
 #      --no-deps -e .   (falls back to `setup.py build_ext --inplace` when pip itself refuses quickly)
 #   2. the cases that once crashed (Triton backend, r = 1, M = 7, float16 and bfloat16, both GEMM paths)
-#      under `compute-sanitizer --tool memcheck` (tests/gpu_matrix.py), first, since a CUDA fault is sticky
+#      under `compute-sanitizer --tool memcheck` (python -m tests.helpers.gpu_matrix), first, since a CUDA fault is sticky
 #      for its process; the verdict goes into the JSON
-#   3. python -m pytest -m gpu -q tests    (failures are recorded, not fatal; tests/test_gpu_matrix.py runs
+#   3. python -m pytest -m gpu -q tests    (failures are recorded, not fatal; tests/kernels/test_gpu_matrix.py runs
 #      its path x dtype groups in processes of their own)
 #   4. python bench/gpu_bench.py           (the GPU benchmark; writes JSON after every shape)
 #   5. bench/gpu_report.py: $OUT/<card>-<date>.json (+ .build.log, .pytest.log, .bench.log,
@@ -100,14 +100,14 @@ echo "   esta backends: ${BACKENDS:-<esta_kernels does not import>}"
 t=$(now)
 SANITIZER_RC=""
 if [ "$DRY" = 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
-  echo "-- memcheck: compute-sanitizer --tool memcheck tests/gpu_matrix.py --r 1 --M 7 (fp16, bf16; tma, pointer)"
+  echo "-- memcheck: compute-sanitizer --tool memcheck python -m tests.helpers.gpu_matrix --r 1 --M 7 (fp16, bf16; tma, pointer)"
   SAN_SECS=$(budget "${ESTA_SANITIZER_TIMEOUT:-60}")
   : > "$WORK/sanitizer.log"
   pids=()
   for path in tma pointer; do
     for dt in float16 bfloat16; do
       ( rc=0; ESTA_TRITON_AUTOTUNE=0 timeout --kill-after=10 "$SAN_SECS" compute-sanitizer --tool memcheck \
-          --error-exitcode 86 "$PYTHON" tests/gpu_matrix.py --path "$path" --dtype "$dt" --r 1 --M 7 \
+          --error-exitcode 86 "$PYTHON" -m tests.helpers.gpu_matrix --path "$path" --dtype "$dt" --r 1 --M 7 \
           >"$WORK/sanitizer-$path-$dt.log" 2>&1 || rc=$?; echo "$rc" > "$WORK/sanitizer-$path-$dt.rc" ) &
       pids+=($!)
     done
@@ -142,7 +142,7 @@ t=$(now)
 if [ "$DRY" = 0 ]; then
   echo "-- tests: pytest -m gpu -q tests"
   # ESTA_TRITON_AUTOTUNE=0: the tests run the first config of each Triton autotune list (every config is
-  # compiled by tests/test_triton_compile.py; the benchmark autotunes and checks its results first)
+  # compiled by tests/kernels/test_triton_compile.py; the benchmark autotunes and checks its results first)
   TEST_RC=$(ESTA_TRITON_AUTOTUNE=0 run_logged "$(budget "${ESTA_TEST_TIMEOUT:-130}")" "$WORK/pytest.log" \
             "$PYTHON" -m pytest -m gpu -q tests -p no:cacheprovider --junitxml="$WORK/junit.xml")
 else

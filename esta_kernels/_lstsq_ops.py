@@ -5,7 +5,7 @@
         v[m] = h_out[m] - shift_out[b(m)] and ua = [u, 1]: gram = ua.T @ ua, cross = ua.T @ v in float64.
         The shifts are (blocks, d) with blocks = ceil(n / SHIFT_BLOCK_ROWS), one row per block, or (d,) for
         one shift for every row.
-        C++ schema (csrc/ops.cpp); kernels per dispatch key: CPU (the `cpu` backend, csrc/cpu/lstsq.cpp)
+        Schema in esta_kernels/_ext.py; C++ kernels per dispatch key: CPU (the `cpu` backend, csrc/cpu/lstsq.cpp)
         and CUDA (the `cuda` backend, csrc/cuda/).
     esta::lstsq_accumulate_triton
         A Python custom op launching the Triton kernel (esta_kernels/triton/lstsq.py): opaque, like

@@ -2,7 +2,8 @@
 
 Two forward/backward operator pairs implement the fused stitched linear:
   esta::stitched_linear / esta::stitched_linear_backward
-      C++ schemas (csrc/ops.cpp); kernels per dispatch key: CPU (the `cpu` backend), CUDA (`cuda`).
+      schemas in esta_kernels/_ext.py; C++ kernels per dispatch key: CPU (the `cpu` backend, csrc/cpu/),
+      CUDA (`cuda`, csrc/cuda/).
   esta::stitched_linear_triton / esta::stitched_linear_triton_backward
       Python custom ops that launch the Triton kernels (the `triton` backend). They are opaque custom ops
       rather than `triton_op`, so the very same op runs on CUDA and on CPU tensors under

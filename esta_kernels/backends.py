@@ -38,7 +38,8 @@ def triton_interpreter() -> bool:
 
 
 def available_backends() -> list:
-    """The backends usable in this process, in the order of DESIGN's table."""
+    """The backends usable in this process, in the order of the table in docs/architecture.md ("Backends and
+    dispatch")."""
     out = ["torch"]
     if _ext.has_cpu_kernels():
         out.append("cpu")

@@ -120,7 +120,7 @@ def _resolve_lstsq_backend(backend: str, h_in: Tensor, h_out: Tensor) -> str:
 def lstsq_accumulate(h_in: Tensor, h_out: Tensor, shift_in: Tensor, shift_out: Tensor, *,
                      backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """One fused pass over one batch: (gram, cross) = ([u, 1]^T [u, 1], [u, 1]^T v) in float64, with
-    u = h_in - shift_in and v = h_out - shift_out (see esta::lstsq_accumulate in DESIGN.md)."""
+    u = h_in - shift_in and v = h_out - shift_out (see esta::lstsq_accumulate in docs/architecture.md)."""
     for name, t in (("h_in", h_in), ("h_out", h_out)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lstsq_accumulate: {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every esta op: readable, float64-capable, the oracle of the tests.
 
-`torch_stitched_linear` follows the op contract literally (DESIGN.md, "The op contracts") and is
+`torch_stitched_linear` follows the op contract literally (docs/architecture.md, "The op contracts") and is
 differentiable through ordinary autograd. Benchmarks import their naive baseline from here too.
 """
 from __future__ import annotations

@@ -207,7 +207,7 @@ def _row_reduce_kernel(
 # ------------------------------------------------------------------------------------ autotune configs
 # Tuple fields: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. Shared memory per stage is
 # (BLOCK_M + BLOCK_N) * BLOCK_K * element size; every config fits the 163 KB of an A100 (sm_80) and the
-# 227 KB of an H100 (sm_90), and no 16-bit one spills registers (tests/test_triton_compile.py checks
+# 227 KB of an H100 (sm_90), and no 16-bit one spills registers (tests/kernels/test_triton_compile.py checks
 # both). 16-bit configs use BLOCK_K = 64 on Hopper (wgmma, deeper K per barrier) and 32 on Ampere
 # (mma.sync, more stages); float32 halves the tile area. Configs a smaller card cannot hold (sm_86 has
 # 99 KB) fail to launch there and the autotuner skips them.

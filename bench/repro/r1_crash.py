@@ -5,7 +5,7 @@ that faulted. Run under compute-sanitizer by bench/gpu_check.sh:
 
     compute-sanitizer --tool memcheck python3 bench/repro/r1_crash.py [--dtype float16] [--padded]
 
-The probe's test (tests/test_triton_kernels.py::test_matches_reference, r = 1, M = 7, K = 37, N = 45,
+The probe's test (tests/kernels/test_triton_stitched_linear.py::test_matches_reference, r = 1, M = 7, K = 37, N = 45,
 float16) ran forward then backward; its (M, 1) float32 intermediates were contiguous, so both of their
 strides were 1. Without --padded those buffers are made that way again (the module's later workaround,
 _rank_buffer's 16-element row stride, is undone); with --padded the workaround stays. Each launch is

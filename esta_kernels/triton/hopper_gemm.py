@@ -165,7 +165,7 @@ def _persistent_gemm_kernel(
 
 # Tuple fields: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, WARP_SPECIALIZE, FLATTEN.
 # Only configurations that compile for sm_90 without spilling on triton 3.6 and 3.8 are listed (python -m
-# esta_kernels.inspect --all-configs; tests/test_triton_compile.py keeps it true). The first entry of each
+# esta_kernels.inspect --all-configs; tests/kernels/test_triton_compile.py keeps it true). The first entry of each
 # list is what runs without autotuning and what the static report shows.
 MAIN_CONFIGS = [
     (128, 256, 64, 8, 8, 3, False, True),

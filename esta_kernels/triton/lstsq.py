@@ -16,7 +16,7 @@ and the host sums the partials in a fixed order. No atomics, so the result is bi
 given shape and device; partial memory is (splits, d_in + 1, D) float64 whatever the row count.
 
 Like esta_kernels/triton/stitched_linear.py: the plan (arguments and grid) is computed from shapes only, so
-tests/test_triton_compile.py compiles the very launches that run; CUDA tensors go through triton.autotune
+tests/kernels/test_triton_compile.py compiles the very launches that run; CUDA tensors go through triton.autotune
 (small config lists for Ampere and Hopper); under TRITON_INTERPRET=1 one small config runs, on CPU tensors
 too. ESTA_TRITON_AUTOTUNE=0 runs the first config of each list without benchmarking.
 """
@@ -141,7 +141,7 @@ def _lstsq_accumulate_kernel(
 # ------------------------------------------------------------------------------------ autotune configs
 # Fields: BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages. IEEE float32 dots run as FMA loops (no tensor
 # cores) that hold whole operand tiles in registers beside the float32 and float64 accumulators, so a
-# 64 x 64 tile takes 8 warps (with 4 it spills) and the row step stays short. tests/test_triton_compile.py
+# 64 x 64 tile takes 8 warps (with 4 it spills) and the row step stays short. tests/kernels/test_triton_compile.py
 # compiles each for sm_80 and sm_90 and checks that none spills.
 _CONFIGS = {
     "hopper": [(64, 64, 16, 8, 3), (64, 64, 32, 8, 3), (32, 32, 16, 4, 3)],

@@ -1,4 +1,4 @@
-"""The GPU correctness matrix (tests/gpu_matrix.py): r in {1, 2, 3, 8, 16, 256} x M in {1, 7, 130, 4099} x
+"""The GPU correctness matrix (tests/helpers/gpu_matrix.py): r in {1, 2, 3, 8, 16, 256} x M in {1, 7, 130, 4099} x
 {float16, bfloat16, float32} x {no ids, one int id, per-row ids with -1s} x {Hopper path, pointer path},
 forward and backward against the float64 reference. Each (path, dtype) group runs in its own process, all
 groups at once, so a CUDA fault (sticky for its process) costs only the rest of its own group and is
@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tests.helpers import ROOT
+
+HARNESS = [sys.executable, "-m", "tests.helpers.gpu_matrix"]  # run from the repository root
 GROUPS = [(path, dtype) for path in ("tma", "pointer") for dtype in ("float16", "bfloat16", "float32")]
 
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -20,8 +22,8 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason
 @pytest.fixture(scope="module")
 def matrix_results():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {g: subprocess.Popen([sys.executable, os.path.join(HERE, "gpu_matrix.py"), "--path", g[0], "--dtype", g[1]],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = {g: subprocess.Popen(HARNESS + ["--path", g[0], "--dtype", g[1]], env=env, cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for g in GROUPS}
     out = {}
     for g, p in procs.items():
@@ -61,9 +63,9 @@ def test_gpu_matrix_harness_runs_in_the_interpreter(path):
     so the GPU run cannot fail on the harness."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, os.path.join(HERE, "gpu_matrix.py"), "--device", "cpu", "--path", path,
+    res = subprocess.run(HARNESS + ["--device", "cpu", "--path", path,
                           "--dtype", "float16", "--r", "1,20", "--M", "7", "--ids", "rows,int"],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert res.returncode == 0 and len(rows) == 4, res.stdout[-2000:] + res.stderr[-2000:]
     assert all(r["status"] == "ok" and r["plan_path"] == path for r in rows), rows

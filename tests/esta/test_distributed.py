@@ -24,11 +24,9 @@ from esta.train import Trainer, TrainConfig
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 
-import test_stitchable_pst as helpers  # noqa: E402
-from test_train import _record_grads  # noqa: E402
+from tests.helpers.models import record_grads, tiny_model  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
+from tests.helpers import ROOT  # noqa: E402
 WORLD = 2
 STEPS = 6
 PER_RANK = 4          # batch_size per rank; the global batch is PER_RANK * WORLD = 8
@@ -56,14 +54,14 @@ def _config(batch_size):
 
 def _fresh(seed=0):
     torch.manual_seed(seed)
-    model = helpers._model()
+    model = tiny_model()
     model.init_stitching_layers(torch.stack([x for x, _ in _data(16, seed=9)]))
     return model
 
 
 def _run(trainer, steps=STEPS):
     """Trains `steps` steps, recording the gradients (of the trainable parameters) each optimizer step saw."""
-    grads = _record_grads(trainer)
+    grads = record_grads(trainer)
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     records = trainer.fit(steps=steps)
     return {
@@ -115,10 +113,10 @@ def _launch(tmp_path, world=WORLD):
     """Runs `_worker` on `world` processes; returns each rank's result. Kills every rank on a timeout."""
     store = str(tmp_path / "store")
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     procs = []
     for r in range(world):
-        code = f"import test_distributed as t; t._worker({r}, {world}, {store!r}, {outs[r]!r})"
+        code = f"from tests.esta import test_distributed as t; t._worker({r}, {world}, {store!r}, {outs[r]!r})"
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + TIMEOUT

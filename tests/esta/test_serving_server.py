@@ -23,7 +23,7 @@ from esta.serving.server import PaletteServer
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 pytest.importorskip("sklearn", reason="the builtin digits data needs scikit-learn")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT  # noqa: E402
 
 
 def _anchor(d):
@@ -477,8 +477,7 @@ def test_esta_serve_command_errors(run, tmp_path, capsys):
 def test_the_serving_benchmark_harness_runs(run, tmp_path, capsys):
     """bench/serve.py end to end on the small run, tiny counts (it measures nothing here; the harness must
     not rot): the three set-ups, the bytes, the load test with its bad requests, the goals."""
-    sys.path.insert(0, ROOT)
-    from bench import serve
+    from bench import serve  # the repository root is on sys.path (tests/ is a package)
 
     threads = torch.get_num_threads()
     try:

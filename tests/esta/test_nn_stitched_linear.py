@@ -575,7 +575,8 @@ def test_ddp_buffer_broadcast_selects_rank_zeros_stitch(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests.helpers import ROOT as root
+
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     store = str(tmp_path / "store")
     procs = [subprocess.Popen([sys.executable, "-c", _DDP_WORKER, str(r), store], env=env, stdout=subprocess.PIPE,

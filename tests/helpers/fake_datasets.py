@@ -236,3 +236,19 @@ def md5_patches(name, root):
         d["setid"] = ("setid.mat", _md5(os.path.join(base, "setid.mat")))
         return [(datasets.Flowers102, "_file_dict", d)]
     return []
+
+
+def image_folder(root, splits=("train", "val"), classes=("ant", "bee", "cat"), per_class=6):
+    """An ImageFolder tree root/<split>/<class>/<i>.png of small PNGs of mixed sizes; returns str(root)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in splits:
+        for k, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                size = (10 + i % 3, 12)  # mixed sizes: the transform resizes and crops
+                pixels = (torch.rand(size[1], size[0], 3, generator=g) * 80 + 60 * k).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(d / f"{i}.png")
+    return str(root)

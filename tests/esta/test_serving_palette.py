@@ -14,18 +14,11 @@ from esta.serving.palette import _Dropped, anchor_own_bytes, module_bytes
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 
-WIDTHS = (16, 24, 32)
+from tests.helpers.models import WIDTHS, MLPBlock  # noqa: E402
+from tests.helpers.models import tiny_images as _images  # noqa: E402
+from tests.helpers.models import tiny_vit as _vit  # noqa: E402
+
 ATOL = 1e-5  # the bound, float32
-
-
-def _vit(dim, seed, depth=3):
-    torch.manual_seed(seed)
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=4, embed_dim=dim, depth=depth, num_heads=2, num_classes=5).eval()
-
-
-def _images(n, seed=0):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
 def _randomize(model, seed=5):
@@ -120,12 +113,11 @@ def test_a_palette_of_some_members_equals_their_exports(nearest):
 
 
 def test_generic_anchors_with_2d_and_3d_tokens():
-    from test_stitchable import _MLPBlock
 
     def anchor(d, tokens):
         torch.manual_seed(d)
         embed = nn.Linear(16, d)
-        return SequentialBlocksAnchor(embed, nn.ModuleList(_MLPBlock(d) for _ in range(3)), nn.Linear(d, 5),
+        return SequentialBlocksAnchor(embed, nn.ModuleList(MLPBlock(d) for _ in range(3)), nn.Linear(d, 5),
                                       family="mlp", embed_type=f"linear16/{tokens}", attention_linears=["fc1"])
 
     for shape in ((4, 16), (16,)):  # (tokens, features) per example, and one feature vector per example

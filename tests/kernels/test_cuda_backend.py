@@ -1,9 +1,9 @@
 """The `cuda` backend (CUTLASS kernels in csrc/cuda/) on a GPU, against the float64 torch reference.
 
 All tests carry the `gpu` marker (bench/gpu_check.sh runs them) and skip without a GPU or without the CUDA
-kernels. The shared backend tests (opcheck, CUDA graphs, torch.compile, misaligned views, determinism) are in
-test_gpu_backends.py; this file holds the cuda backend's own matrix and checks: ranks 1 to 256, odd row
-counts, every dtype and id mode, forward and backward; which kernel family ran; the no-sync id check.
+kernels. The shared backend tests (opcheck, CUDA graphs, torch.compile, misaligned views, determinism) are
+the cuda cases of test_stitched_linear.py; this file holds the cuda backend's own matrix and checks: ranks 1
+to 256, odd row counts, every dtype and id mode, forward and backward; which kernel family ran; the no-sync id check.
 """
 import os
 import subprocess
@@ -15,7 +15,7 @@ import torch
 
 import esta_kernels
 from esta_kernels import _ext, _ops
-from _inputs import grads_of, make_inputs, reference, reference_grads
+from tests.helpers.inputs import grads_of, make_inputs, reference, reference_grads
 
 HAS_CUDA_KERNELS = _ext.has_cuda_kernels()
 pytestmark = [

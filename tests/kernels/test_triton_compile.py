@@ -237,8 +237,9 @@ def test_every_launch_compiles_for_sm80_and_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     # the workers import esta_kernels from this checkout, installed or not
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    from tests.helpers import ROOT
+
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     t0 = time.time()
     procs = [
         subprocess.Popen([sys.executable, __file__, str(i), str(WORKERS)], env=env, stdout=subprocess.PIPE,

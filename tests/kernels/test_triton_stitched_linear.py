@@ -22,13 +22,13 @@ if not torch.cuda.is_available():  # before triton is first imported (tests/conf
 triton = pytest.importorskip("triton")
 
 import esta_kernels  # noqa: E402
-from _inputs import grads_of, lowp_error, make_inputs, reference, reference_grads  # noqa: E402
+from tests.helpers.inputs import grads_of, lowp_error, make_inputs, reference, reference_grads  # noqa: E402
 from esta_kernels.triton import stitched_linear as sl  # noqa: E402
 from esta_kernels.triton.stitched_linear import (  # noqa: E402
     triton_stitched_linear_backward,
     triton_stitched_linear_forward,
 )
-from _inputs import triton_test_marks  # noqa: E402
+from tests.helpers.inputs import triton_test_marks  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 interp, gpu = triton_test_marks(sl._stitched_gemm_kernel)

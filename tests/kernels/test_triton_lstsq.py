@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 from esta_kernels import _ext  # noqa: E402
 from esta_kernels.triton import lstsq as tl_lstsq  # noqa: E402
 from esta_kernels.triton.lstsq import triton_lstsq_accumulate  # noqa: E402
-from _inputs import triton_test_marks  # noqa: E402
+from tests.helpers.inputs import triton_test_marks  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 interp, gpu_triton = triton_test_marks(tl_lstsq._lstsq_accumulate_kernel)

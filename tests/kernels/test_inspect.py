@@ -12,7 +12,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT  # noqa: E402
 
 
 def _inspect(tmp_path, *args):

@@ -20,7 +20,7 @@ from esta.train import NonFiniteLossError, Trainer, TrainConfig
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 pytest.importorskip("sklearn", reason="the builtin digits data needs scikit-learn")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT  # noqa: E402
 
 
 def _anchor(d):
@@ -255,10 +255,10 @@ def test_a_diverging_run_stops_and_writes_no_report(tmp_path, capsys):
 
 
 def _tiny_trainer(**kw):
-    import test_stitchable_pst as helpers
+    from tests.helpers.models import tiny_model
 
     torch.manual_seed(0)
-    model = helpers._model()
+    model = tiny_model()
     g = torch.Generator().manual_seed(0)
     data = list(zip(torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 5, (32,), generator=g)))
     model.init_stitching_layers(torch.stack([x for x, _ in data[:8]]))

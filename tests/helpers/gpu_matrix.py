@@ -1,12 +1,13 @@
-"""The GPU correctness matrix of the Triton backend, one group per process (tests/test_gpu_matrix.py runs it).
+"""The GPU correctness matrix of the Triton backend, one group per process (tests/kernels/test_gpu_matrix.py
+runs it), from the repository root:
 
-    python tests/gpu_matrix.py --path tma --dtype bfloat16 [--r 1,2 --M 7 --ids rows] [--json-out FILE]
+    python -m tests.helpers.gpu_matrix --path tma --dtype bfloat16 [--r 1,2 --M 7 --ids rows] [--json-out FILE]
 
 A group is one GEMM path (`tma`: the Hopper path, forced with ESTA_TRITON_ARCH=90; `pointer`: the pointer
 kernel, ESTA_TRITON_ARCH=80) and one dtype. It runs r in {1, 2, 3, 8, 16, 256} x M in {1, 7, 130, 4099} x ids
 in {none, int, rows (per-row ids with -1s)}: forward and backward through the custom ops against the float64
 torch reference (esta_kernels.torch_stitched_linear; low-precision results judged against PyTorch's own
-error in that dtype, as tests/test_triton_kernels.py does), outputs poisoned with NaN first. One JSON line
+error in that dtype, as tests/kernels/test_triton_stitched_linear.py does), outputs poisoned with NaN first. One JSON line
 per case on stdout. A CUDA error is sticky for the process, so the group stops at the first one and reports
 it as `fault`: the other groups (their own processes) still run.
 """
@@ -18,12 +19,6 @@ import os
 import sys
 import time
 import traceback
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (ROOT, HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 RANKS = (1, 2, 3, 8, 16, 256)
 ROWS = (1, 7, 130, 4099)
@@ -40,7 +35,7 @@ def run_case(path: str, dtype_name: str, r: int, M: int, ids: str, device: str =
     import torch.utils.deterministic as det
 
     import esta_kernels
-    from _inputs import grads_of, lowp_error, make_inputs, reference, reference_grads
+    from tests.helpers.inputs import grads_of, lowp_error, make_inputs, reference, reference_grads
     from esta_kernels import _ops
     from esta_kernels.triton import stitched_linear as sl
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import esta_kernels
-from _inputs import make_inputs
+from tests.helpers.inputs import make_inputs
 
 AVAILABLE = esta_kernels.available_backends()
 BACKENDS = [pytest.param(b, marks=[pytest.mark.interpreter] if b == "triton" else [], id=b)

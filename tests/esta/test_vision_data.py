@@ -14,7 +14,7 @@ pytest.importorskip("torchvision", reason="image data needs torchvision")
 pytest.importorskip("PIL", reason="image data needs pillow")
 pytest.importorskip("scipy", reason="the .mat annotation files need scipy")
 
-import _fake_datasets as fake  # noqa: E402
+from tests.helpers import fake_datasets as fake  # noqa: E402
 from esta.datasets import catalog, data_config, sources  # noqa: E402
 from esta.datasets.images import held_out_split  # noqa: E402
 from esta.datasets.transforms import ImageTransform  # noqa: E402
@@ -323,9 +323,7 @@ def test_split_errors(data, match, vtab_task):
 
 
 def test_folder_splits_join(tmp_path):
-    import test_deploy_cli
-
-    root = test_deploy_cli._image_folder(tmp_path / "images", splits=("train", "val", "test"), per_class=2)
+    root = fake.image_folder(tmp_path / "images", splits=("train", "val", "test"), per_class=2)
     train, test = create_data(_config({"folder": root, "train": "train+val", "test": "test"}))
     assert len(train) == 12 and len(test) == 6 and train.transform.recipe == "center-crop"
     assert train.images.keys[:2] == ["ant/0.png:" + str(os.path.getsize(os.path.join(root, "train/ant/0.png"))),

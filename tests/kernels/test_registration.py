@@ -1,9 +1,12 @@
-"""torch.library registration: opcheck, torch.compile and autocast, on every backend testable here."""
+"""torch.library registration: opcheck, torch.compile and autocast, on every backend testable here; the CUDA
+kernels registered by a CUDA build (the GPU opcheck is in test_stitched_linear.py)."""
+import os
+
 import pytest
 import torch
 
 import esta_kernels
-from _inputs import make_inputs, reference
+from tests.helpers.inputs import make_inputs, reference
 
 AVAILABLE = esta_kernels.available_backends()
 OPS = []
@@ -123,3 +126,22 @@ def test_autocast_with_low_precision_input(backend, dtype):
     torch.testing.assert_close(y.double(), reference(cast, 0.5), atol=3e-2, rtol=3e-2)
     with pytest.raises(TypeError, match="share one dtype"):  # outside autocast it stays an error
         esta_kernels.stitched_linear(**inp, scale=0.5, backend=backend)
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    """A build with CUDA registers the CUDA kernels of both ops (checked without a GPU)."""
+    from esta_kernels import _ext
+
+    if not _ext.HAS_EXTENSION:
+        pytest.skip(f"esta_kernels._C is not built: {_ext.EXTENSION_ERROR}")
+    asked = os.environ.get("ESTA_BUILD_CUDA", "").lower() == "1"
+    if not _ext.has_cuda_kernels():
+        if asked and torch.version.cuda is not None:
+            pytest.fail("ESTA_BUILD_CUDA=1 but esta_kernels._C has no CUDA kernels: rebuild the extension")
+        pytest.skip(
+            "esta_kernels._C was built without CUDA kernels (ESTA_BUILD_CUDA=0, a CPU-only torch, or no nvcc); "
+            "set ESTA_BUILD_CUDA=1 to build and check them"
+        )
+    assert torch.version.cuda is not None
+    for op in ("esta::stitched_linear", "esta::stitched_linear_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"

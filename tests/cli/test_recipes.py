@@ -13,10 +13,10 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install to
 pytest.importorskip("torchvision", reason="image data needs torchvision")
 pytest.importorskip("PIL", reason="image data needs pillow")
 
-import _fake_datasets as fake  # noqa: E402
+from tests.helpers import fake_datasets as fake  # noqa: E402
 from esta.presets import PLANNED, apply_set, build_config, flatten, load_preset, preset_names  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT  # noqa: E402
 TINY = {"img_size": 8, "patch_size": 2, "depth": 2, "num_heads": 2}
 
 

@@ -9,7 +9,7 @@ from esta.train import Trainer, TrainConfig
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install torchvision==0.29.1 timm)")
 
-import test_stitchable_pst as helpers  # noqa: E402
+from tests.helpers.models import record_grads, tiny_model  # noqa: E402
 
 
 def _data(n=48, seed=0):
@@ -27,7 +27,7 @@ def _config(**kw):
 
 def _fresh(seed=0):
     torch.manual_seed(seed)
-    model = helpers._model()
+    model = tiny_model()
     model.init_stitching_layers(torch.stack([x for x, _ in _data(16, seed=9)]))
     return model
 
@@ -89,7 +89,7 @@ def test_drawn_teacher_is_trained_once_and_scored_on_its_own_loss():
     trainer.sampler.sample = lambda: teacher  # the sampler draws the largest anchor itself
     calls = []
     model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("stitch")), with_kwargs=True)
-    grads = _record_grads(trainer)
+    grads = record_grads(trainer)
     before = _trainable(model)
     record = trainer.train_step()
     assert calls == [teacher, teacher]  # one forward per micro-batch: no second, self-distilling pass
@@ -113,25 +113,13 @@ def test_drawn_teacher_is_trained_once_and_scored_on_its_own_loss():
     assert trainer.sampler.scores[teacher].item() == pytest.approx(total / count, rel=1e-5)
 
 
-def _record_grads(trainer):
-    grads = []
-    step = trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
-    return grads
-
-
 @pytest.mark.parametrize("score", ["snip", "relative-snip"])
 def test_accumulation_matches_one_big_batch(score):
     a, b = _fresh(), _fresh()
     ta = Trainer(a, _data(), _config(batch_size=8, accum_steps=2, score=score))
     tb = Trainer(b, _data(), _config(batch_size=16, accum_steps=1, score=score))
     assert ta.global_batch == tb.global_batch == 16 and ta.lr == tb.lr
-    ga, gb = _record_grads(ta), _record_grads(tb)
+    ga, gb = record_grads(ta), record_grads(tb)
     ra, rb = ta.train_step(), tb.train_step()
     assert ra["stitch"] == rb["stitch"]
     assert ra["loss_stitch"] == pytest.approx(rb["loss_stitch"], rel=1e-5)

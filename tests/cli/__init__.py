@@ -1,0 +1,1 @@
+"""Tests of the `esta` command line (esta.cli)."""

@@ -1,0 +1,1 @@
+"""Tests of esta_kernels (ops, backends, kernels, least squares, static kernel reports)."""
