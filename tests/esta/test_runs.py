@@ -368,7 +368,7 @@ def test_the_schema_covers_every_key():
      r"config.anchors\[0\]: give exactly one of 'demo' or 'timm'"),
     ({"anchors": [_anchor(8), {**_anchor(16), "kwargs": "x"}], "data": {"builtin": "x"}},
      r"config.anchors\[1\].kwargs: must be a table"),
-    ({"anchors": [_anchor(8), _anchor(16)], "data": {}}, "config.data: give exactly one of 'builtin' or 'folder'"),
+    ({"anchors": [_anchor(8), _anchor(16)], "data": {}}, "config.data: give exactly one of 'builtin', 'folder' or 'dataset'"),
     ({"anchors": [_anchor(8), _anchor(16)], "data": {"builtin": "digits-5to9"}, "stitching": {"calibration_images": 20}},
      "config.stitching: unknown key.*calibration_images"),
     ({"anchors": [_anchor(8), _anchor(16)], "data": {"builtin": "digits-5to9"},

@@ -20,6 +20,7 @@ from esta.datasets.images import held_out_split  # noqa: E402
 from esta.datasets.transforms import ImageTransform  # noqa: E402
 from esta.factory import create_data, data_fingerprint  # noqa: E402
 from esta.train.data import StepBatchSampler, draw_seed, step_loader  # noqa: E402
+from esta.tasks import ClassificationTask  # noqa: E402
 
 
 def _anchor(d, name="vit_tiny_patch16_224.augreg_in21k", **kw):
@@ -147,7 +148,7 @@ def vtab_task(tmp_path_factory):
 def _batches(data, start, stop, workers, spe=3):
     sampler = StepBatchSampler(len(data), seed=7, steps_per_epoch=spe, batch_size=5, accum_steps=1, rank=0, world=1,
                                adapt_steps=0, adapt_epochs=0, start=start, stop=stop, views=True)
-    return [x for x, _ in step_loader(data, sampler, num_workers=workers)]
+    return [x for x, _ in step_loader(data, sampler, ClassificationTask().collate, num_workers=workers)]
 
 
 def test_training_views_depend_on_the_step_only(vtab_task):
