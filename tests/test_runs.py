@@ -315,6 +315,10 @@ _KEYS = [
     ("data.builtin", 7, None), ("data.folder", True, None), ("data.dataset", 5, "imagenet"), ("data.root", 3, None),
     ("data.train_transform", 1, "random"), ("data.crop_pct", "0.9", 1.5),
     ("num_classes", "5", 0), ("device", 5, "tpu"),
+    # instruction data and generation (issue 16; their decoder-run cases: tests/test_instruction_runs.py)
+    ("data.instructions", 3, None), ("data.tokenizer", ["x"], None), ("data.max_length", "128", 1),
+    ("data.held_out", "0.1", 1.0), ("data.split_seed", 0.5, -1), ("evaluate.generate_examples", "8", -1),
+    ("evaluate.max_new_tokens", 2.0, 0), ("task", 1, "regression"),
 ]
 
 
@@ -353,11 +357,11 @@ def test_the_schema_covers_every_key():
     tested = {k for k, _, _ in _KEYS}
     sections = {"train": TrainConfig, "stitching": StitchingSpec, "evaluate": EvaluateSpec, "data": DataSpec}
     expected = {f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)}
-    expected |= {"num_classes", "device"}
+    expected |= {"num_classes", "device", "task"}
     untested = expected - tested
     assert not untested, untested
     assert {f.name for f in dataclasses.fields(RunConfig)} == {"anchors", "data", "num_classes", "stitching", "train",
-                                                                 "evaluate", "device"}
+                                                                 "evaluate", "device", "task"}
 
 
 @pytest.mark.parametrize("config, match", [
