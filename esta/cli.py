@@ -119,13 +119,16 @@ def _parser() -> argparse.ArgumentParser:
                                        "the run's)")
     p.add_argument("--alpaca", action="store_true", help="each prompt is an instruction: wrap it in the Alpaca "
                                                           "template the instruction run was trained on")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--do-sample", action="store_true", help="sample (top-p / top-k / temperature) instead of "
-                                                              "taking the most likely tokens")
-    p.add_argument("--top-p", type=float, default=1.0)
+    # None: the run's [generate] settings with --run, else the values in _GENERATE_DEFAULTS
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64")
+    p.add_argument("--do-sample", action="store_true", default=None,
+                   help="sample (top-p / top-k / temperature) instead of taking the most likely tokens")
+    p.add_argument("--greedy", dest="do_sample", action="store_false", help="do not sample (overrides the run's "
+                                                                            "generate.do_sample)")
+    p.add_argument("--top-p", type=float, default=None, help="default 1.0")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=None, help="default 1.0")
+    p.add_argument("--num-beams", type=int, default=None, help="default 1")
     p.add_argument("--seed", type=int, default=0, help="of the sampling generator")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p = sub.add_parser("serve", help="serve a trained run's deployed members from one set of weights over HTTP")
@@ -174,6 +177,7 @@ def _check_args(args) -> None:
     if args.command == "bench" and args.repeats < 1:
         raise ConfigError("--repeats", f"must be at least 1, got {args.repeats}")
     if args.command == "generate":
+        _generation_defaults(args)
         if args.max_new_tokens < 1:
             raise ConfigError("--max-new-tokens", f"must be at least 1, got {args.max_new_tokens}")
         if args.num_beams < 1:
@@ -209,6 +213,23 @@ def _check_args(args) -> None:
                                                f"{args.members!r}") from None
         if not os.path.isdir(args.run):
             raise ConfigError("--run", f"{args.run} is not a run directory")
+
+
+_GENERATE_DEFAULTS = {"max_new_tokens": 64, "do_sample": False, "top_p": 1.0, "temperature": 1.0, "num_beams": 1}
+
+
+def _generation_defaults(args) -> None:
+    """Fills the generation flags not given: from the run's `generate` settings (esta generate --run), else
+    _GENERATE_DEFAULTS."""
+    defaults = dict(_GENERATE_DEFAULTS)
+    if args.run is not None and os.path.isfile(os.path.join(args.run, "config.json")):
+        from esta.config import load_config
+
+        config = load_config(os.path.join(args.run, "config.json"))
+        defaults.update({k: getattr(config.generate, k) for k in defaults})
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -16,6 +16,7 @@
      "stitching": {"kernel_size": 2, "stride": 1},
      "train": {...esta.train.TrainConfig keys...},
      "evaluate": {"all": true, "batch_size": 256},   # causal-lm: also "generate_examples", "max_new_tokens"
+     "generate": {"do_sample": true, "top_p": 0.75, "num_beams": 4, ...},  # causal-lm: esta generate --run
      "device": "cpu" | "cuda" | "cuda:N"}
 
 `load_config(path)` reads JSON (or TOML by the .toml extension) and `parse_config(dict)` checks every key
@@ -39,7 +40,7 @@ from esta.schema import ConfigError, check_fields, from_dict, rule, to_dict
 from esta.train.config import TrainConfig
 
 __all__ = ["ConfigError", "RunConfig", "AnchorSpec", "DataSpec", "StitchingSpec", "EvaluateSpec", "load_config",
-           "read_config_file", "parse_config", "config_dict", "INSTRUCTIONS_DEMO", "TASKS"]
+           "read_config_file", "parse_config", "config_dict", "INSTRUCTIONS_DEMO", "TASKS", "GenerateSpec"]
 
 
 @dataclass
@@ -169,6 +170,21 @@ class EvaluateSpec:
         check_fields(self, "")
 
 
+@dataclass
+class GenerateSpec:
+    """Decoding settings of `esta generate --run` (decoder runs; its flags override them): the paper's are
+    top-p 0.75 sampling with 4 beams. They do not change what is trained (a resume may change them)."""
+
+    do_sample: bool = False
+    top_p: float = field(default=1.0, metadata=rule(minimum=0, maximum=1, exclusive_minimum=True))
+    num_beams: int = field(default=1, metadata=rule(minimum=1))
+    temperature: float = field(default=1.0, metadata=rule(minimum=0, exclusive_minimum=True))
+    max_new_tokens: int = field(default=64, metadata=rule(minimum=1))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "")
+
+
 INSTRUCTIONS_DEMO = "instructions-demo"  # the builtin instruction records (esta.demo.instructions)
 TASKS = ("classification", "causal-lm")
 
@@ -185,6 +201,7 @@ class RunConfig:
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     device: Optional[str] = None  # "cpu", "cuda", "cuda:N"; default: cuda when available
     task: Literal["classification", "causal-lm"] = "classification"
+    generate: GenerateSpec = field(default_factory=GenerateSpec)
 
     def __post_init__(self) -> None:
         check_fields(self, "")
@@ -212,6 +229,8 @@ class RunConfig:
             for name in ("generate_examples", "max_new_tokens"):
                 if getattr(self.evaluate, name) is not None:
                     raise ConfigError(f"evaluate.{name}", "applies to task 'causal-lm' (generation) only")
+            if self.generate != GenerateSpec():
+                raise ConfigError("generate", "applies to task 'causal-lm' (generation) only")
         if self.device is not None:
             if not _DEVICE.match(self.device):
                 raise ConfigError("device", f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")

@@ -138,10 +138,11 @@ def run_identity(config: RunConfig) -> dict:
 
 def _identity(config: RunConfig) -> dict:
     """The keys that make a run what it is: not where it runs (device), how fast it decodes
-    (data.num_workers) or how it is evaluated."""
+    (data.num_workers), how it is evaluated or how its members generate text."""
     values = config_dict(config)
     values.pop("device")
     values.pop("evaluate")
+    values.pop("generate")
     values["data"].pop("num_workers")
     return values
 
@@ -253,7 +254,13 @@ def train_run(config: RunConfig, out: str, *, resume: bool = False, replace: boo
         result = {"trainer": trainer, "model": model, "test": test, "config": config, "tokenizer": tokenizer}
         if rank == 0:
             _write_json(out, "history.json", trainer.history)
-            if deploy:
+            if deploy and trainer.sharded:
+                # the sharded model runs only with every rank: deploy a whole copy rebuilt from the checkpoint
+                _, model, restored, _ = restore_run(out, log=log)
+                result["model"] = model
+                result["report"] = _deploy(model, restored.sampler, restored.flops, test, out, config,
+                                           progress=progress, log=log, task=task, tokenizer=tokenizer)
+            elif deploy:
                 result["report"] = _deploy(model, trainer.sampler, trainer.flops, test, out, config,
                                            progress=progress, log=log, task=task, tokenizer=tokenizer)
     return result

@@ -77,7 +77,8 @@ _LM_KEYS = [
     ("anchors[0].hf", 5, None), ("anchors[0].dtype", 16, "float8"), ("data.instructions", 3, None),
     ("data.tokenizer", ["x"], None), ("data.max_length", "128", 1), ("data.held_out", "0.1", 1.0),
     ("data.split_seed", 0.5, -1), ("evaluate.generate_examples", "8", -1), ("evaluate.max_new_tokens", 2.0, 0),
-    ("task", 1, "regression"),
+    ("task", 1, "regression"), ("generate.do_sample", "yes", None), ("generate.top_p", "0.75", 1.5),
+    ("generate.num_beams", 4.0, 0), ("generate.temperature", "1", 0), ("generate.max_new_tokens", "64", 0),
 ]
 
 
@@ -129,6 +130,67 @@ def test_structural_errors_of_decoder_runs(family, change, match):
     config.update(change)
     with pytest.raises(ConfigError, match=match):
         parse_config(config)
+
+
+def test_the_papers_recipe_and_its_preset(tmp_path, capsys):
+    """configs/llama-alpaca.toml (and the llama-alpaca preset, which reads it) hold section 5.2's recipe; with
+    the models and data absent, esta train names every missing path and writes nothing."""
+    from esta.config import load_config
+    from esta.presets import build_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "configs", "llama-alpaca.toml")
+    for config in (load_config(path), build_config(preset="llama-alpaca")):
+        assert config.task == "causal-lm" and [a.hf is not None for a in config.anchors] == [True, True]
+        assert (config.stitching.kernel_size, config.stitching.stride) == (1, 1)
+        t = config.train
+        assert (t.num_intervals, t.momentum, t.ranks, t.epochs, t.weight_decay) == (6, 0.9, [16, 16], 10, 0.0)
+        assert t.batch_size * t.accum_steps == 128
+        g = config.generate
+        assert (g.do_sample, g.top_p, g.num_beams) == (True, 0.75, 4)
+        assert config.data.instructions.endswith("alpaca_data.json")
+    out = tmp_path / "out"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the recipe's relative model and data paths are absent here
+    try:
+        assert main(["train", "--config", path, "--out", str(out), "--no-progress"]) == 2
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing local path(s)" in err, err
+    for key in ("config.anchors[0].hf = models/llama-7b-hf", "config.anchors[1].hf = models/llama-13b-hf",
+                "config.data.instructions = data/alpaca_data.json"):
+        assert key in err, err
+    assert not out.exists()
+
+
+def test_the_run_generation_settings_are_the_defaults_of_esta_generate(lm_run, tmp_path, capsys, monkeypatch):
+    """esta generate --run takes the run's [generate] settings where no flag is given; flags win."""
+    import esta.generation
+
+    seen = []
+    real = esta.generation.generate_text
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("do_sample", "top_p", "num_beams", "max_new_tokens")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(esta.generation, "generate_text", spy)
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(lm_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["generate"].update(do_sample=True, top_p=0.75, num_beams=2, max_new_tokens=3)
+    (run / "config.json").write_text(json.dumps(config))  # generation settings do not make the run
+    assert main(["generate", "--run", str(run), "--stitch", "1", "--prompt", "Add the two numbers."]) == 0
+    assert main(["generate", "--run", str(run), "--stitch", "1", "--prompt", "x", "--greedy", "--num-beams", "1",
+                 "--max-new-tokens", "2"]) == 0
+    assert seen == [{"do_sample": True, "top_p": 0.75, "num_beams": 2, "max_new_tokens": 3},
+                    {"do_sample": False, "top_p": 0.75, "num_beams": 1, "max_new_tokens": 2}]
+    with pytest.raises(ConfigError, match="config.generate: applies to task 'causal-lm'"):
+        parse_config({"anchors": [{"demo": "vit-demo-ti"}, {"demo": "vit-demo-s"}], "data": {"builtin": "letters-cgoqd"},
+                      "generate": {"num_beams": 4}})
 
 
 def test_instruction_keys_are_refused_on_vision_runs():

@@ -319,6 +319,8 @@ _KEYS = [
     ("data.instructions", 3, None), ("data.tokenizer", ["x"], None), ("data.max_length", "128", 1),
     ("data.held_out", "0.1", 1.0), ("data.split_seed", 0.5, -1), ("evaluate.generate_examples", "8", -1),
     ("evaluate.max_new_tokens", 2.0, 0), ("task", 1, "regression"),
+    ("generate.do_sample", "yes", None), ("generate.top_p", "0.75", 0), ("generate.num_beams", 4.0, 0),
+    ("generate.temperature", "1", 0), ("generate.max_new_tokens", "64", 0),
 ]
 
 
@@ -352,16 +354,17 @@ def test_the_schema_covers_every_key():
     """Every field of every section has a row above (a new key needs its checks tested)."""
     import dataclasses
 
-    from esta.config import DataSpec, EvaluateSpec, RunConfig, StitchingSpec
+    from esta.config import DataSpec, EvaluateSpec, GenerateSpec, RunConfig, StitchingSpec
 
     tested = {k for k, _, _ in _KEYS}
-    sections = {"train": TrainConfig, "stitching": StitchingSpec, "evaluate": EvaluateSpec, "data": DataSpec}
+    sections = {"train": TrainConfig, "stitching": StitchingSpec, "evaluate": EvaluateSpec, "data": DataSpec,
+                "generate": GenerateSpec}
     expected = {f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)}
     expected |= {"num_classes", "device", "task"}
     untested = expected - tested
     assert not untested, untested
     assert {f.name for f in dataclasses.fields(RunConfig)} == {"anchors", "data", "num_classes", "stitching", "train",
-                                                                 "evaluate", "device", "task"}
+                                                                 "evaluate", "device", "task", "generate"}
 
 
 @pytest.mark.parametrize("config, match", [
