@@ -196,10 +196,13 @@ def test_the_gathered_checkpoint_resumes_in_one_process(runs):
     trainer = Trainer(_fresh(), _data(), _config(PER_RANK, "fsdp"), task=CausalLMTask(0, flops_length=12))
     with pytest.raises(ValueError, match="written by 2 process"):
         trainer.load_state_dict(state)
-    # ... and its whole tensors load into a plain (unsharded) model (as esta deploy does on rank 0 of a sharded
-    # run, where the world matches)
-    state["world"] = 1
-    trainer.load_state_dict(state)
-    for n, p in trainer.model.named_parameters():
+    # ... and its whole tensors load into a plain (unsharded) model, as `esta deploy` and the deployment on
+    # rank 0 of a sharded run restore it
+    from esta.train import load_model_state, prepare_model
+
+    torch.manual_seed(0)
+    model = prepare_model(_fresh(), _config(PER_RANK * WORLD, "fsdp"))
+    load_model_state(model, state)
+    for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.detach(), r0["params"][n]), n
