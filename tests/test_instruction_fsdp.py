@@ -206,3 +206,37 @@ def test_the_gathered_checkpoint_resumes_in_one_process(runs):
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.detach(), r0["params"][n]), n
+
+
+def test_esta_train_under_torchrun_with_fsdp(tmp_path):
+    """`torchrun -m esta train` of an instruction run with train.parallel = "fsdp": the ranks train sharded,
+    rank 0 deploys a whole copy rebuilt from the gathered checkpoint (report, exports)."""
+    import json
+
+    pytest.importorskip("tokenizers")
+    from _instruction_fixtures import lm_config, make_family
+
+    from test_distributed import _stop_torchrun
+
+    family = make_family(str(tmp_path / "family"))
+    config = lm_config(family, train={**lm_config(family)["train"], "batch_size": 12, "parallel": "fsdp"})
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "esta", "train", "--config", str(path), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        log = proc.communicate(timeout=TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        _stop_torchrun(proc)
+        pytest.fail(f"torchrun did not finish in {TIMEOUT} s")
+    assert proc.returncode == 0, log[-6000:]
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["world"] == 2 and state["step"] == 3 and state["config"]["parallel"] == "fsdp"  # 72 // 24
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "causal-lm" and all(m["metrics"] is not None for m in report["members"])
+    for r in report["deployed"]:
+        assert (out / "export" / f"stitch-{r['deployed']}" / "model.safetensors").is_file()
