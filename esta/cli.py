@@ -58,7 +58,7 @@ def _demo_config(args) -> dict:
 def _demo_llama_config(args) -> dict:
     return {
         "anchors": [{"demo": "llama-demo-s"}, {"demo": "llama-demo-m"}, {"demo": "llama-demo-l"}],
-        "data": {"builtin": "instructions-demo", "max_length": 96},
+        "data": {"builtin": "instructions-demo", "max_length": 128},
         "task": "causal-lm",
         "stitching": {"kernel_size": 1, "stride": 1},
         "train": {"epochs": args.epochs, "batch_size": 32, "base_lr": 4e-2, "weight_decay": 0.0, "warmup_epochs": 1,
