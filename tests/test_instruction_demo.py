@@ -43,8 +43,8 @@ def test_esta_demo_family_llama_runs(tmp_path, capsys, monkeypatch):
     from esta.cli import main
 
     # the demo's own code path on fewer records (the full demo's run is timed in docs/instruction-tuning.md)
-    monkeypatch.setitem(instructions.DEMO_SIZES, "train", 256)
-    monkeypatch.setitem(instructions.DEMO_SIZES, "held-out", 24)
+    monkeypatch.setitem(instructions.DEMO_SIZES, "train", 128)
+    monkeypatch.setitem(instructions.DEMO_SIZES, "held-out", 16)
     out = tmp_path / "demo"
     assert main(["demo", "--family", "llama", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -54,7 +54,7 @@ def test_esta_demo_family_llama_runs(tmp_path, capsys, monkeypatch):
         assert line in printed, (line, printed[-3000:])
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == "causal-lm" and len(report["members"]) == 3 + 3 + 4  # kernel 1 stride 1: 2->3, 3->4
-    assert all(m["metrics"]["generated"] == 24 for m in report["members"])
+    assert all(m["metrics"]["generated"] == 16 for m in report["members"])
     assert report["anchors"] == [0, 1, 2] and report["relative_quality"]["reference"] == 0
     assert (out / "report.png").is_file()
     config = json.loads((out / "config.json").read_text())
