@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 # torchvision 0.29.1 is the build that matches torch 2.14.1 (timm needs it; tests build small timm ViTs)
 # transformers: decoder anchors (esta.HFCausalLMAnchor); tests build tiny Llama/Mistral/Qwen2 models offline
-DEPS := "$(TORCH_SPEC)" "torchvision==0.29.1" timm "triton>=3.6,<3.10" numpy "pytest>=8" "pytest-benchmark>=4" \
+DEPS := "$(TORCH_SPEC)" "torchvision==0.29.1" timm "triton>=3.6,<3.10" numpy "pytest>=8" "pytest-benchmark>=4" "pytest-xdist>=3" \
 	ninja "setuptools>=64" wheel safetensors tqdm matplotlib scikit-learn "transformers>=4.50,<6" tokenizers scipy pillow
 # The CUDA kernels are built on CUTLASS 3 / CuTe, whose headers ship in this package (setup.py finds them there;
 # pinned: the kernels are written against this release). --no-deps: only the headers are used, not its Python
@@ -40,8 +40,10 @@ esta_kernels/.built: $(VENV)/.deps-installed $(SOURCES)
 
 build: esta_kernels/.built
 
+# two workers (the machines have two cores), test files kept whole per worker (module fixtures run once)
+PYTEST_WORKERS ?= 2
 test: build
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 demo: build
 	$(VPY) -m esta demo --out esta-demo

@@ -1,6 +1,8 @@
 """The `esta` command line.
 
     esta demo [--out DIR]                      the embedded demo (shipped anchors and data, ~minutes on a CPU)
+    esta demo --family llama [--out DIR]       the instruction-tuning demo: shipped tiny LLaMA decoders on
+                                               synthetic instructions (docs/instruction-tuning.md)
     esta train --config FILE [--out DIR]       ESTA training from a JSON or TOML config (esta.config)
     esta train --preset NAME [--config FILE] [--set KEY=VALUE ...]   the paper's recipe, overridden key by key
     esta presets [NAME]                        the presets (configs/) with their values (esta.presets)
@@ -10,6 +12,8 @@
     esta export --run DIR --stitch I --out D   merged standalone module of one member (safetensors + JSON)
     esta generate --export DIR --prompt TEXT   text from an exported decoder member (esta.generation); the
                                                tokenizer is read from DIR or from --tokenizer PATH
+    esta generate --run DIR --stitch I --prompt TEXT [--alpaca]   from member I of an instruction run
+                                               (--alpaca: each prompt is an instruction, in the Alpaca template)
     esta report RUN1 RUN2 ... [--out DIR]      several tasks per FLOPs interval and group (esta.multitask)
     esta bench                                 the fused stitched-linear op against F.linear on this machine
     esta serve --run DIR [--host H] [--port P] the deployed members as one palette over HTTP (esta.serving)
@@ -51,12 +55,33 @@ def _demo_config(args) -> dict:
     }
 
 
+def _demo_llama_config(args) -> dict:
+    return {
+        "anchors": [{"demo": "llama-demo-s"}, {"demo": "llama-demo-m"}, {"demo": "llama-demo-l"}],
+        "data": {"builtin": "instructions-demo", "max_length": 128},
+        "task": "causal-lm",
+        "stitching": {"kernel_size": 1, "stride": 1},
+        "train": {"epochs": args.epochs, "batch_size": 32, "base_lr": 4e-2, "weight_decay": 0.0, "warmup_epochs": 1,
+                  "sampler_warmup_epochs": 1, "num_intervals": 6, "temperature": 0.1, "score": "relative-snip",
+                  "calibration_images": 64, "seed": args.seed},
+        "evaluate": {"all": True, "batch_size": 300, "generate_examples": 300, "max_new_tokens": 8},
+        "device": "cpu",
+    }
+
+
+DEMO_EPOCHS = {"vit": 20, "llama": 4}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esta", description="Efficient Stitchable Task Adaptation")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="adapt shipped demo anchors to a new task with ESTA, deploy, report")
     p.add_argument("--out", default="esta-demo", help="run directory (default: esta-demo)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--family", choices=("vit", "llama"), default="vit",
+                   help="vit: ViT anchors on rendered letters (default); llama: tiny LLaMA decoders instruction-"
+                        "tuned on synthetic instructions")
+    p.add_argument("--epochs", type=int, default=None, help=f"default: {DEMO_EPOCHS['vit']} (vit), "
+                                                             f"{DEMO_EPOCHS['llama']} (llama)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("train", help="ESTA training from a config file or a preset")
@@ -90,14 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--run", help="a decoder training run (with --stitch)")
     p.add_argument("--stitch", type=int, help="the member of --run to generate with")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    p.add_argument("--tokenizer", help="a Hugging Face tokenizer directory or name (default: the export's)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--do-sample", action="store_true", help="sample (top-p / top-k / temperature) instead of "
-                                                              "taking the most likely tokens")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer directory or name (default: the export's, or "
+                                       "the run's)")
+    p.add_argument("--alpaca", action="store_true", help="each prompt is an instruction: wrap it in the Alpaca "
+                                                          "template the instruction run was trained on")
+    # None: the run's [generate] settings with --run, else the values in _GENERATE_DEFAULTS
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64")
+    p.add_argument("--do-sample", action="store_true", default=None,
+                   help="sample (top-p / top-k / temperature) instead of taking the most likely tokens")
+    p.add_argument("--greedy", dest="do_sample", action="store_false", help="do not sample (overrides the run's "
+                                                                            "generate.do_sample)")
+    p.add_argument("--top-p", type=float, default=None, help="default 1.0")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=None, help="default 1.0")
+    p.add_argument("--num-beams", type=int, default=None, help="default 1")
     p.add_argument("--seed", type=int, default=0, help="of the sampling generator")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p = sub.add_parser("serve", help="serve a trained run's deployed members from one set of weights over HTTP")
@@ -133,6 +164,8 @@ def _config(args):
 def _check_args(args) -> None:
     """Command-line values that no config schema sees."""
     if args.command == "demo":
+        if args.epochs is None:
+            args.epochs = DEMO_EPOCHS[args.family]
         if args.epochs < 1:
             raise ConfigError("--epochs", f"must be at least 1, got {args.epochs}")
         if args.seed < 0:
@@ -144,6 +177,7 @@ def _check_args(args) -> None:
     if args.command == "bench" and args.repeats < 1:
         raise ConfigError("--repeats", f"must be at least 1, got {args.repeats}")
     if args.command == "generate":
+        _generation_defaults(args)
         if args.max_new_tokens < 1:
             raise ConfigError("--max-new-tokens", f"must be at least 1, got {args.max_new_tokens}")
         if args.num_beams < 1:
@@ -160,6 +194,8 @@ def _check_args(args) -> None:
             raise ConfigError("--device", f"is {args.device!r} but no CUDA GPU is available here")
         if args.export is not None and not os.path.isdir(args.export):
             raise ConfigError("--export", f"{args.export} is not a directory")
+        if args.run is not None and not os.path.isdir(args.run):
+            raise ConfigError("--run", f"{args.run} is not a run directory")
     if args.command == "serve":
         if not 0 <= args.port <= 65535:
             raise ConfigError("--port", f"must be in [0, 65535], got {args.port}")
@@ -177,6 +213,23 @@ def _check_args(args) -> None:
                                                f"{args.members!r}") from None
         if not os.path.isdir(args.run):
             raise ConfigError("--run", f"{args.run} is not a run directory")
+
+
+_GENERATE_DEFAULTS = {"max_new_tokens": 64, "do_sample": False, "top_p": 1.0, "temperature": 1.0, "num_beams": 1}
+
+
+def _generation_defaults(args) -> None:
+    """Fills the generation flags not given: from the run's `generate` settings (esta generate --run), else
+    _GENERATE_DEFAULTS."""
+    defaults = dict(_GENERATE_DEFAULTS)
+    if args.run is not None and os.path.isfile(os.path.join(args.run, "config.json")):
+        from esta.config import load_config
+
+        config = load_config(os.path.join(args.run, "config.json"))
+        defaults.update({k: getattr(config.generate, k) for k in defaults})
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -200,9 +253,12 @@ def _dispatch(args) -> int:
     if args.command == "demo":
         t0 = time.time()
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-        result = runs.train_run(parse_config(_demo_config(args)), args.out, replace=True,
-                                progress=not args.no_progress)
-        _demo_summary(result["report"])
+        config = parse_config(_demo_config(args) if args.family == "vit" else _demo_llama_config(args))
+        result = runs.train_run(config, args.out, replace=True, progress=not args.no_progress)
+        if args.family == "vit":
+            _demo_summary(result["report"])
+        else:
+            _demo_llama_summary(result)
         print(f"esta demo: done in {time.time() - t0:.0f} s; report in {args.out}/report.json and report.png")
         return 0
     if args.command == "train":
@@ -263,13 +319,7 @@ def _generate(args) -> int:
     from esta.generation import generate_text
 
     if args.run is not None:
-        # the library side (esta.generate on a StitchableModel member) is ready; what is missing is a run
-        # directory that holds a decoder palette, which decoder training (instruction tuning) will write
-        if args.stitch is None:
-            raise ConfigError("--stitch", "is required with --run")
-        raise ConfigError("--run", "generation from a training run needs a decoder training run, which esta "
-                                   "train does not produce yet (decoder training comes with instruction tuning); "
-                                   "export the member and use --export")
+        return _generate_from_run(args)
     config_path = os.path.join(args.export, "config.json")
     if not os.path.isfile(config_path):
         raise ConfigError("--export", f"{args.export} holds no export (no config.json)")
@@ -291,13 +341,86 @@ def _generate(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ConfigError("--tokenizer", f"cannot load a tokenizer from {source}: {e}") from None
+    return _print_generations(args, net, tokenizer, None)
+
+
+def _generate_from_run(args) -> int:
+    """esta generate --run DIR --stitch I: member I of a decoder (instruction) run, restored without its data."""
+    from esta import runs
+    from esta.factory import create_tokenizer
+
+    if args.stitch is None:
+        raise ConfigError("--stitch", "is required with --run (the member to generate with; esta deploy lists the "
+                                      "deployed ones)")
+    config, model = runs.restore_model(args.run, device=args.device, log=lambda *a: None)
+    if config.task != "causal-lm":
+        raise ConfigError("--run", f"{args.run} is a {config.task} run; generation needs a decoder run (task "
+                                   f"'causal-lm')")
+    if not 0 <= args.stitch < len(model):
+        raise ConfigError("--stitch", f"{args.stitch} is outside [0, {len(model)})")
+    if args.tokenizer is not None:
+        from esta.instruct import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(args.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError("--tokenizer", str(e)) from None
+    else:
+        tokenizer = create_tokenizer(config)
+    return _print_generations(args, model, tokenizer, args.stitch)
+
+
+def _alpaca_prompts(tokenizer, pairs):
+    """The Alpaca prompts of (instruction, input) pairs, with the BOS token training put first when the
+    tokenizer does not add it itself."""
+    from esta.instruct import alpaca_prompt
+
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return [("" if adds_bos or bos is None else bos) + alpaca_prompt(instruction, input) for instruction, input in pairs]
+
+
+def _print_generations(args, net, tokenizer, stitch) -> int:
+    from esta.generation import generate_text
+
+    prompts = _alpaca_prompts(tokenizer, [(p, "") for p in args.prompt]) if args.alpaca else args.prompt
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    texts = generate_text(net, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+    texts = generate_text(net, tokenizer, prompts, stitch=stitch, max_new_tokens=args.max_new_tokens,
                           do_sample=args.do_sample, top_p=args.top_p, top_k=args.top_k,
                           temperature=args.temperature, num_beams=args.num_beams, generator=generator)
     for prompt, text in zip(args.prompt, texts):
-        print(f"{prompt}{text}")
+        print(f"{prompt}\n{text.strip()}" if args.alpaca else f"{prompt}{text}")
     return 0
+
+
+def _demo_llama_summary(result: dict) -> None:
+    """The instruction demo's summary: the deployed members, whether they are on the measured frontier, and
+    sample answers of the smallest and largest deployed member (the table of every member was printed by
+    the deployment)."""
+    from esta.generation import generate_text
+
+    report, model, test = result["report"], result["model"], result["test"]
+    deployed = [r["deployed"] for r in report["deployed"]]
+    front = set(report.get("pareto_front", []))
+    rel = {m["id"]: m.get("relative_quality") for m in report["members"]}
+    anchors = report.get("anchor_accuracy", {})
+    print("anchors (exact match): " + ", ".join(f"#{a} {100 * v:.1f}%" for a, v in anchors.items()))
+    print("deployed: " + ", ".join(
+        f"#{i} ({report['members'][i]['flops'] / 1e6:.2f} MFLOPs, exact {100 * report['members'][i]['accuracy']:.1f}%"
+        f"{'' if rel[i] is None else f', {rel[i]:.0f}% of the smallest anchor'}"
+        f"{', on the frontier' if i in front else ', off the frontier'})" for i in deployed))
+    share = report.get("share_deployed_on_front")
+    if share is not None:
+        print(f"{100 * share:.0f}% of the deployed members are on the measured Pareto frontier")
+    tokenizer = result["tokenizer"]
+    records = test.records[:4]
+    prompts = _alpaca_prompts(tokenizer, [(r["instruction"], r["input"]) for r in records])
+    for label, i in (("smallest", min(deployed, key=lambda d: report["members"][d]["flops"])),
+                     ("largest", max(deployed, key=lambda d: report["members"][d]["flops"]))):
+        texts = generate_text(model, tokenizer, prompts, stitch=i, max_new_tokens=8)
+        print(f"sample answers of the {label} deployed member #{i}:")
+        for r, t in zip(records, texts):
+            print(f"  {r['instruction']} {r['input']!r} -> {t.strip()!r} (reference {r['output']!r})")
 
 
 def _demo_summary(report: dict) -> None:

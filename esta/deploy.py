@@ -29,7 +29,8 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["pareto_front", "mcnemar_p", "dominance", "build_report", "write_report", "format_table"]
+__all__ = ["pareto_front", "mcnemar_p", "dominance", "build_report", "write_report", "format_table",
+           "add_lm_metrics", "relative_quality", "format_lm_table"]
 
 
 def _dominates(j: int, i: int, flops, accuracy) -> bool:
@@ -195,6 +196,63 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def relative_quality(quality: Dict[int, float], reference: int) -> Dict[int, Optional[float]]:
+    """Each member's quality in percent of the reference member's (the paper's Table 2: the smaller anchor's
+    score is 100%); None everywhere when the reference scores 0."""
+    base = quality.get(reference)
+    if not base:
+        return {i: None for i in quality}
+    return {i: 100.0 * q / base for i, q in quality.items()}
+
+
+def add_lm_metrics(report: dict, metrics: Dict[int, dict], quality_metric: str) -> dict:
+    """Adds the instruction-tuning measures to a deployment report built by `build_report` with the
+    members' quality as their "accuracy": each evaluated member's `metrics` (esta.evaluate.evaluate_lm), the
+    name of the quality measure, and the relative quality of every evaluated member against the smallest
+    anchor (member 0, = 100%). Returns the report."""
+    quality = {m["id"]: m["accuracy"] for m in report["members"] if m["accuracy"] is not None}
+    reference = min(report["anchors"])
+    rel = relative_quality(quality, reference)
+    for m in report["members"]:
+        m["metrics"] = metrics.get(m["id"])
+        m["relative_quality"] = rel.get(m["id"])
+    for r in report["deployed"]:
+        r["metrics"] = metrics.get(r["deployed"])
+        r["relative_quality"] = rel.get(r["deployed"])
+    report["task"] = "causal-lm"
+    report["quality_metric"] = quality_metric
+    report["relative_quality"] = {"reference": reference, "reference_quality": quality.get(reference),
+                                  "note": "quality in percent of the smallest anchor's (the paper's Table 2)"}
+    return report
+
+
+def format_lm_table(report: dict) -> str:
+    """Every evaluated member of an instruction-tuning report: FLOPs, held-out loss and perplexity, token
+    accuracy, exact match and relative quality; D marks the deployed members, A the anchors, * the members
+    on the measured frontier."""
+    unit, name = (1e9, "GFLOPs") if _big(report) else (1e6, "MFLOPs")
+    deployed = {r["deployed"] for r in report["deployed"]}
+    anchors = set(report["anchors"])
+    front = set(report.get("pareto_front", []))
+    lines = [f"{'member':>6} {'path':<14} {name:>9} {'loss':>7} {'ppl':>7} {'tok acc':>8} {'exact':>7} "
+             f"{'rel.':>6}  marks"]
+    for m in report["members"]:
+        x = m.get("metrics")
+        if not x:
+            continue
+        f, fb, e, eb = m["path"][:4]
+        path = f"anchor {f}" if m["id"] in anchors else f"{f}[..{fb}]>{e}[{eb}..]"
+        em = "" if x["exact_match"] is None else f"{100 * x['exact_match']:.1f}%"
+        rel = "" if m.get("relative_quality") is None else f"{m['relative_quality']:.0f}%"
+        marks = ("D" if m["id"] in deployed else "") + ("A" if m["id"] in anchors else "") + \
+            ("*" if m["id"] in front else "")
+        lines.append(f"{m['id']:>6} {path:<14} {m['flops'] / unit:>9.3f} {x['loss']:>7.3f} {x['perplexity']:>7.2f} "
+                     f"{100 * x['token_accuracy']:>7.1f}% {em:>7} {rel:>6}  {marks}")
+    lines.append(f"quality: {report.get('quality_metric')}; rel. = quality in % of the smallest anchor's; "
+                 f"D deployed, A anchor, * on the measured frontier")
+    return "\n".join(lines)
+
+
 def _big(report) -> bool:
     return max(r["flops"] for r in report["deployed"]) >= 1e9
 
@@ -237,7 +295,7 @@ def _plot(report, evaluated, path, title) -> None:
     ax.scatter([m["flops"] / unit for m in anc], [100 * m["accuracy"] for m in anc], s=90, marker="*",
                c="#2186eb", label="anchor", zorder=4)
     ax.set_xlabel(name)
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(report.get("quality_axis", "top-1 accuracy (%)"))
     share = report.get("share_deployed_on_front")
     ax.set_title(title + ("" if share is None else f" — {100 * share:.0f}% of deployed on the frontier"),
                  fontsize=9)

@@ -6,6 +6,14 @@
     esta.distributed.all_reduce_score(x)        the mean (or sum) of a Python number over the ranks
     esta.distributed.all_reduce_scores([...])   the same for several numbers, in one collective
     esta.distributed.wrap_ddp(model, device)    DistributedDataParallel for a stitchable model
+    esta.distributed.wrap_fsdp(model, device)   FSDP2 (`fully_shard`) on every anchor block, then the rest
+
+FSDP2 shards each parameter across the ranks (a `DTensor`, dim 0; stitch-bias tables along dim 1, so every
+rank holds every stitch's row, a slice of its columns, and a member's SNIP terms stay local). Each anchor
+block is its own unit (gathered before it runs, freed after), the embeddings, heads and stitching layers
+form the root unit. A stitch runs a subset of the blocks: every rank selects the same stitch, so every
+rank gathers the same units. `local`, `full` and `distribute_like` move between the sharded parameters and
+plain tensors (`full` is a collective: every rank calls it, in the same order).
 """
 from __future__ import annotations
 
@@ -17,7 +25,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["init_distributed", "world", "all_reduce_score", "all_reduce_scores", "wrap_ddp"]
+__all__ = ["init_distributed", "world", "all_reduce_score", "all_reduce_scores", "wrap_ddp", "wrap_fsdp",
+           "is_sharded", "local", "full", "distribute_like"]
 
 
 def init_distributed(device=None) -> bool:
@@ -105,3 +114,67 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(
         model, find_unused_parameters=True, **_no_buffer_sync(),
         device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4
+        return None
+    return DTensor
+
+
+def is_sharded(t) -> bool:
+    """Whether `t` is a DTensor (an FSDP2-sharded parameter or gradient)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t):
+    """This rank's shard of a DTensor; any other tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full(t):
+    """The whole tensor of a DTensor (an all-gather: every rank calls it); any other tensor as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def distribute_like(t, like):
+    """A full tensor `t` (the same on every rank) as a DTensor sharded like `like`, each rank keeping its own
+    slice (no communication); `t` itself when `like` is not sharded."""
+    if not is_sharded(like):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def wrap_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shards a stitchable model with FSDP2 in place (module docstring) and returns it. Needs torch >= 2.6
+    (`torch.distributed.fsdp.fully_shard` with `shard_placement_fn`)."""
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
+    except ImportError as e:
+        raise RuntimeError(f"train.parallel = 'fsdp' needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6): "
+                           f"{e}") from None
+    if not dist.is_initialized():
+        raise RuntimeError("wrap_fsdp: torch.distributed is not initialized (run under torchrun)")
+    from esta.nn.stitched_linear import StitchedLinear
+
+    tables = {id(m.stitch_bias) for m in model.modules()
+              if isinstance(m, StitchedLinear) and m.stitch_bias is not None}
+
+    def placement(p):
+        return Shard(1) if id(p) in tables else Shard(0)
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for anchor in model.anchors:
+        for block in anchor.blocks:
+            fully_shard(block, mesh=mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
+    return model

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["alpaca_prompt", "load_alpaca", "check_records", "split_records", "InstructionDataset",
-           "load_tokenizer"]
+           "load_tokenizer", "prompt_ids", "response_ids"]
 
 _HEADER = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
            "completes the request.\n\n")
@@ -121,26 +121,39 @@ def load_tokenizer(path: str):
     return tok
 
 
+def prompt_ids(tokenizer, record: Dict[str, str]) -> List[int]:
+    """A record's prompt as the model sees it: [BOS] + the Alpaca prompt's tokens (what generation starts from)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(alpaca_prompt(record["instruction"], record.get("input", "")),
+                                  add_special_tokens=False)
+
+
+def response_ids(tokenizer, record: Dict[str, str]) -> List[int]:
+    """A record's response tokens: its output's tokens + [EOS] (what the loss and exact match score)."""
+    return tokenizer.encode(record["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
 class InstructionDataset(torch.utils.data.Dataset):
     """Tokenized instruction records: sample i is (ids (T,) int64, response_mask (T,) bool).
 
     ids = [BOS] + prompt tokens + response tokens + [EOS], truncated to `max_length` from the end; the
     response mask is True on the response and EOS tokens (what the loss and the distillation see).
-    `truncated` counts the records that were cut."""
+    `truncated` counts the records that were cut; `records` keeps the (checked) records, whose outputs are
+    the reference answers generation is scored against."""
 
     def __init__(self, records: Sequence, tokenizer, max_length: int, *, where: str = "instruction data") -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"InstructionDataset: max_length must be an int >= 2, got {max_length!r}")
         records = check_records(list(records), where)
+        self.records = records
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.samples: List[Tuple[Tensor, Tensor]] = []
         self.truncated = 0
         lost = []
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         for i, r in enumerate(records):
-            prompt = bos + tokenizer.encode(alpaca_prompt(r["instruction"], r["input"]), add_special_tokens=False)
-            response = tokenizer.encode(r["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
+            prompt = prompt_ids(tokenizer, r)
+            response = response_ids(tokenizer, r)
             ids = prompt + response
             if len(ids) > max_length:
                 self.truncated += 1

@@ -5,7 +5,9 @@
     esta presets [NAME]
 
 A preset file holds {"description", "needs", "config"}: "config" is a partial run configuration (the keys
-of esta/config.py). A run's configuration is built in layers, each one overriding the one before key by
+of esta/config.py), or "config_file" names a JSON or TOML run configuration beside it that holds it
+(configs/llama-alpaca.toml is both the `llama-alpaca` preset's values and a config `esta train --config`
+takes as it is). A run's configuration is built in layers, each one overriding the one before key by
 key: the preset's "config", then the --config file, then each `--set KEY=VALUE` in order. Tables merge
 key by key; anything else (a number, a string, a list such as "anchors") is replaced whole, but
 `--set anchors[1].checkpoint=PATH` reaches into a list. A --set VALUE is read as JSON when it parses
@@ -30,12 +32,7 @@ __all__ = ["PLANNED", "preset_dirs", "preset_names", "load_preset", "merge", "ap
            "flatten", "format_presets"]
 
 # presets to come, with what they will hold
-PLANNED: Dict[str, str] = {
-    "llama-alpaca": "LLaMA-7B/13B on the 52K Alpaca instructions (paper section 5.2: kernel 1, stride 1, "
-                    "40 stitches, 6 intervals, LoRA rank 16 on attention and d_in // 4 on stitching layers, "
-                    "eta 0.9, Adam, batch 128, 10 epochs, 8-bit frozen weights); it comes with decoder "
-                    "training (`esta train` trains vision anchors today)",
-}
+PLANNED: Dict[str, str] = {}
 
 
 def preset_dirs() -> List[str]:
@@ -60,8 +57,11 @@ def load_preset(name: str) -> Dict[str, Any]:
         if os.path.isfile(path):
             with open(path) as f:
                 preset = json.load(f)
+            if isinstance(preset, dict) and isinstance(preset.get("config_file"), str) and "config" not in preset:
+                preset = dict(preset, config=read_config_file(os.path.join(d, preset["config_file"])))
             if not isinstance(preset, dict) or not isinstance(preset.get("config"), dict):
-                raise ConfigError("--preset", f"{path} is not a preset (a table with a 'config' table)")
+                raise ConfigError("--preset", f"{path} is not a preset (a table with a 'config' table or a "
+                                              f"'config_file' name)")
             return preset
     raise ConfigError("--preset", f"unknown preset {name!r}; available: {', '.join(preset_names()) or 'none'}"
                                   f"{'; planned: ' + ', '.join(PLANNED) if PLANNED else ''}")
@@ -143,7 +143,7 @@ def build_config(*, preset: Optional[str] = None, config_path: Optional[str] = N
     except ConfigError as e:
         data = values.get("data") if isinstance(values.get("data"), dict) else {}
         if preset is not None and str(e).startswith("config.data") and not any(
-                data.get(k) is not None for k in ("builtin", "folder", "dataset")):
+                data.get(k) is not None for k in ("builtin", "folder", "dataset", "instructions")):
             needs = load_preset(preset).get("needs", "the data")
             raise ConfigError(e.key, f"{e.reason} (the preset {preset} leaves the data to you; it needs {needs})",
                               e.where) from None

@@ -35,8 +35,8 @@ import torch
 from esta.checkpoint import CheckpointError, load_checkpoint
 from esta.config import ConfigError, RunConfig, config_dict, load_config, parse_config
 from esta.distributed import init_distributed
-from esta.factory import (check_anchors, check_data, create_data, create_model, data_fingerprint,
-                          describe_fingerprint_change)
+from esta.factory import (check_anchors, check_data, create_data, create_model, create_task, create_tokenizer,
+                          data_fingerprint, describe_fingerprint_change)
 from esta.train import Trainer, calibration_images, load_model_state, prepare_model
 
 __all__ = ["RunError", "run_lock", "train_run", "deploy_run", "export_member", "restore_run", "restore_model",
@@ -113,11 +113,22 @@ def resolve_device(config: RunConfig) -> torch.device:
     return torch.device(name)
 
 
-def _seeded_model(config: RunConfig, device):
+def _seeded_model(config: RunConfig, device, tokenizer=None):
     # Seeded, so anchors without pretrained weights (random init) and the new heads are rebuilt identically
     # by `esta deploy` / `esta export` (a checkpoint holds only what training changes).
     torch.manual_seed(config.train.seed)
-    return create_model(config).to(device)
+    return create_model(config, tokenizer).to(device)
+
+
+def _tokenizer(config: RunConfig):
+    """The run's tokenizer (decoder runs), else None."""
+    return create_tokenizer(config) if config.task == "causal-lm" else None
+
+
+def _to_device(inputs, device):
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
 
 
 def run_identity(config: RunConfig) -> dict:
@@ -127,10 +138,11 @@ def run_identity(config: RunConfig) -> dict:
 
 def _identity(config: RunConfig) -> dict:
     """The keys that make a run what it is: not where it runs (device), how fast it decodes
-    (data.num_workers) or how it is evaluated."""
+    (data.num_workers), how it is evaluated or how its members generate text."""
     values = config_dict(config)
     values.pop("device")
     values.pop("evaluate")
+    values.pop("generate")
     values["data"].pop("num_workers")
     return values
 
@@ -140,7 +152,13 @@ def _metadata(config: RunConfig, fingerprint) -> dict:
 
 
 def _check_resume(state, config: RunConfig, fingerprint, path: str) -> None:
-    """The checkpoint belongs to this run: same configuration and same data (ConfigError otherwise)."""
+    """The checkpoint belongs to this run: same task, same configuration and same data (ConfigError
+    otherwise)."""
+    saved_task = state.get("task") if isinstance(state, dict) else None
+    if saved_task is not None and saved_task != config.task:
+        raise ConfigError("config.task", f"is {config.task!r} but the checkpoint {path} was trained on the task "
+                                         f"{saved_task!r}; a run cannot be resumed with another task (start a new "
+                                         f"run directory)")
     meta = state.get("metadata", {}) if isinstance(state, dict) else {}
     saved_data = meta.get("data")
     if saved_data is not None and saved_data != fingerprint:
@@ -194,7 +212,9 @@ def train_run(config: RunConfig, out: str, *, resume: bool = False, replace: boo
         raise RunError(f"{out} already holds a run ({checkpoint}); pass --resume to continue it, or choose "
                        f"another directory")
     check_anchors(config)
+    tokenizer = _tokenizer(config)
     train, test = create_data(config)
+    task = create_task(config, tokenizer)
     world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
     check_data(config, train, world)
     fingerprint = data_fingerprint(config, train, test)
@@ -208,13 +228,15 @@ def train_run(config: RunConfig, out: str, *, resume: bool = False, replace: boo
                 raise RunError(str(e)) from None
             _check_resume(state, config, fingerprint, used)
         tc = config.train
-        model = _seeded_model(config, device)
+        model = _seeded_model(config, device, tokenizer)
         calib = tc.calibration_images
         t0 = time.time()
-        model.init_stitching_layers(calibration_images(train, calib, tc.seed).to(device), num_images=calib)
+        model.init_stitching_layers(_to_device(calibration_images(train, calib, tc.seed, task), device),
+                                    num_images=calib)
+        what = "images" if config.task == "classification" else "sequences"
         log(f"least-squares init of {sum(len(g) for g in model.stitching_layers)} stitching layers on "
-            f"{min(calib, len(train))} images: {time.time() - t0:.1f} s")
-        trainer = Trainer(model, train, tc, device=device, distributed=distributed,
+            f"{min(calib, len(train))} {what}: {time.time() - t0:.1f} s")
+        trainer = Trainer(model, train, tc, task=task, device=device, distributed=distributed,
                           num_workers=config.data.num_workers, metadata=_metadata(config, fingerprint))
         log(model.format_trainable_report())
         if state is not None:
@@ -225,16 +247,22 @@ def train_run(config: RunConfig, out: str, *, resume: bool = False, replace: boo
                 _remove_run_files(out, log)
             _write_json(out, "config.json", config_dict(config))
         log(f"{len(model)} members ({len(model.anchors)} anchors), {trainer.total_steps} steps of "
-            f"{trainer.global_batch} images, lr {trainer.lr:.3g}")
+            f"{trainer.global_batch} {what}, lr {trainer.lr:.3g}")
         t0 = time.time()
         trainer.fit(progress=progress, checkpoint=checkpoint, checkpoint_every=max(1, trainer.steps_per_epoch))
         log(f"training: {time.time() - t0:.1f} s")
-        result = {"trainer": trainer, "model": model, "test": test}
+        result = {"trainer": trainer, "model": model, "test": test, "config": config, "tokenizer": tokenizer}
         if rank == 0:
             _write_json(out, "history.json", trainer.history)
-            if deploy:
+            if deploy and trainer.sharded:
+                # the sharded model runs only with every rank: deploy a whole copy rebuilt from the checkpoint
+                _, model, restored, _ = restore_run(out, log=log)
+                result["model"] = model
+                result["report"] = _deploy(model, restored.sampler, restored.flops, test, out, config,
+                                           progress=progress, log=log, task=task, tokenizer=tokenizer)
+            elif deploy:
                 result["report"] = _deploy(model, trainer.sampler, trainer.flops, test, out, config,
-                                           progress=progress, log=log)
+                                           progress=progress, log=log, task=task, tokenizer=tokenizer)
     return result
 
 
@@ -258,15 +286,17 @@ def restore_run(run: str, *, log=print):
         raise RunError(f"{run} is not a run directory (no config.json); run `esta train` first")
     config = load_config(config_path)
     device = resolve_device(config)
+    tokenizer = _tokenizer(config)
     train, test = create_data(config)
+    task = create_task(config, tokenizer)
     fingerprint = data_fingerprint(config, train, test)
     try:
         state, used = load_checkpoint(os.path.join(run, CHECKPOINT), map_location="cpu", log=log)
     except CheckpointError as e:
         raise RunError(str(e)) from None
     _check_resume(state, config, fingerprint, used)
-    model = _seeded_model(config, device)
-    trainer = Trainer(model, train, config.train, device=device, num_workers=config.data.num_workers,
+    model = _seeded_model(config, device, tokenizer)
+    trainer = Trainer(model, train, config.train, task=task, device=device, num_workers=config.data.num_workers,
                       metadata=_metadata(config, fingerprint))
     trainer.load_state_dict(state)
     return config, model, trainer, test
@@ -288,6 +318,8 @@ def restore_model(run: str, *, device=None, log=print):
     except CheckpointError as e:
         raise RunError(str(e)) from None
     saved = state.get("metadata", {}).get("run_config") if isinstance(state, dict) else None
+    if saved is not None:
+        saved = _current_schema(saved)
     if saved is not None and saved != _identity(config):
         raise RunError(f"the checkpoint {used} belongs to another configuration than {config_path} "
                        f"({', '.join(_dict_diff(saved, _identity(config)))})")
@@ -316,7 +348,7 @@ def _config_on(path: str, device) -> RunConfig:
 
 
 def _deploy(model, sampler, flops, test, out: str, config: RunConfig, *, evaluate_all: Optional[bool] = None,
-            progress: bool = True, log: Callable = print) -> dict:
+            progress: bool = True, log: Callable = print, task=None, tokenizer=None) -> dict:
     from esta import export as export_mod
     from esta.deploy import build_report, format_table, write_report
     from esta.evaluate import evaluate
@@ -327,6 +359,8 @@ def _deploy(model, sampler, flops, test, out: str, config: RunConfig, *, evaluat
     # the anchors are always measured too: the reference the deployed members are read against
     anchors = [s.id for s in model.stitches if s.is_anchor]
     members = list(range(len(model))) if evaluate_all else sorted(set(deployed) | set(anchors))
+    if config.task == "causal-lm":
+        return _deploy_lm(model, sampler, flops, test, out, config, members, progress, log, task, tokenizer)
     t0 = time.time()
     accuracy, correct = evaluate(model, test, members, batch_size=ev.batch_size, progress=progress,
                                  per_example=True, num_workers=config.data.num_workers)
@@ -340,6 +374,51 @@ def _deploy(model, sampler, flops, test, out: str, config: RunConfig, *, evaluat
     return report
 
 
+DEFAULT_GENERATE_EXAMPLES = 256
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+def _deploy_lm(model, sampler, flops, test, out, config, members, progress, log, task, tokenizer) -> dict:
+    """The deployment of an instruction-tuning run: held-out loss, perplexity, token accuracy and the exact
+    match of greedy generation per member (esta.evaluate.evaluate_lm); the report's quality is the exact match
+    (of greedy generation, or of teacher forcing when evaluate.generate_examples = 0), relative quality
+    against the smallest anchor; the deployed members are exported with the tokenizer."""
+    from esta import export as export_mod
+    from esta.deploy import add_lm_metrics, build_report, format_lm_table, format_table, write_report
+    from esta.evaluate import evaluate_lm
+
+    ev = config.evaluate
+    tokenizer = tokenizer if tokenizer is not None else create_tokenizer(config)
+    task = task if task is not None else create_task(config, tokenizer)
+    n_gen = ev.generate_examples if ev.generate_examples is not None else DEFAULT_GENERATE_EXAMPLES
+    n_gen = min(n_gen, len(test))
+    new = ev.max_new_tokens if ev.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
+    t0 = time.time()
+    metrics, exact = evaluate_lm(model, test, members, task=task, tokenizer=tokenizer, batch_size=ev.batch_size,
+                                 generate_examples=n_gen, max_new_tokens=new, progress=progress,
+                                 num_workers=config.data.num_workers)
+    log(f"evaluated {len(members)} members on {len(test)} held-out records ({n_gen} generated): "
+        f"{time.time() - t0:.1f} s")
+    if n_gen:
+        quality = {i: metrics[i]["exact_match"] for i in members}
+        name = f"exact match of greedy generation ({n_gen} held-out records, up to {new} new tokens)"
+        axis = "exact match of greedy generation (%)"
+    else:
+        quality = {i: sum(bool(v) for v in exact[i].tolist()) / max(1, len(exact[i])) for i in members}
+        name = f"exact match under teacher forcing ({len(test)} held-out records)"
+        axis = "exact match, teacher forcing (%)"
+    report = build_report(model, sampler, flops, quality, correct=exact,
+                          extra={"quality_axis": axis, "flops_tokens": task.flops_length})
+    add_lm_metrics(report, metrics, name)
+    paths = write_report(report, out, title="ESTA instruction tuning")
+    for i in sampler.deploy():
+        export_mod.save(model.export(i), os.path.join(out, "export", f"stitch-{i}"), tokenizer=tokenizer)
+    log(format_lm_table(report))
+    log(format_table(report))
+    log(f"report: {', '.join(paths.values())}; deployed members exported to {os.path.join(out, 'export')}")
+    return report
+
+
 def deploy_run(run: str, *, evaluate_all: Optional[bool] = None, progress: bool = True, log: Callable = print) -> dict:
     """Deploys a trained run again (report, plot, exports), under the run directory's lock."""
     if not os.path.isdir(run):
@@ -347,7 +426,7 @@ def deploy_run(run: str, *, evaluate_all: Optional[bool] = None, progress: bool 
     with run_lock(run):
         config, model, trainer, test = restore_run(run, log=log)
         return _deploy(model, trainer.sampler, trainer.flops, test, run, config, evaluate_all=evaluate_all,
-                       progress=progress, log=log)
+                       progress=progress, log=log, task=trainer.task)
 
 
 def export_member(run: str, stitch: int, directory: str, *, log: Callable = print) -> None:
@@ -357,4 +436,4 @@ def export_member(run: str, stitch: int, directory: str, *, log: Callable = prin
     config, model, trainer, test = restore_run(run, log=log)
     if isinstance(stitch, bool) or not isinstance(stitch, int) or not 0 <= stitch < len(model):
         raise ConfigError("--stitch", f"{stitch} is outside [0, {len(model)})")
-    export_mod.save(model.export(stitch), directory)
+    export_mod.save(model.export(stitch), directory, tokenizer=_tokenizer(config))

@@ -37,6 +37,7 @@ class TrainConfig:
     ranks: Optional[List[int]] = field(default=None, metadata=rule(items_minimum=1))  # PST LoRA ranks per anchor
     calibration_images: int = field(default=100, metadata=rule(minimum=1))  # least-squares init (both of them)
     nonfinite: Literal["error", "skip"] = "error"  # a non-finite loss or gradient: stop, or skip that step
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP), or shard with FSDP2 per block
     seed: int = field(default=0, metadata=rule(minimum=0, maximum=2**63 - 1))
 
     def __post_init__(self) -> None:

@@ -48,10 +48,13 @@ identifies the data); a resumed run replays the same batches and continues exact
 run.
 
 Distributed: pass `distributed=True` under torchrun (gloo or nccl initialized by
-`esta.distributed.init_distributed`). The model is wrapped by `esta.distributed.wrap_ddp`; every rank
-selects the same stitch: the sampler is seeded identically and fed all-reduced scores. The losses in
-`history` are the global batch's (averaged over ranks); `rank_loss_teacher` / `rank_loss_stitch` keep each
-rank's own.
+`esta.distributed.init_distributed`). The model is wrapped by `esta.distributed.wrap_ddp`, or with
+`parallel="fsdp"` sharded by FSDP2 (`esta.distributed.wrap_fsdp`: each anchor block a unit; parameters,
+gradients and optimizer state sharded); every rank selects the same stitch: the sampler is seeded
+identically and fed all-reduced scores (under FSDP2 each rank's SNIP sum covers its own shards and the
+ranks' sums are added). The losses in `history` are the global batch's (averaged over ranks);
+`rank_loss_teacher` / `rank_loss_stitch` keep each rank's own. Checkpoints hold whole tensors either way
+(FSDP2: gathered on every rank, written by rank 0), so a sharded run resumes, deploys and exports like any.
 """
 from __future__ import annotations
 
@@ -63,7 +66,8 @@ import torch
 from torch import Tensor
 
 from esta.checkpoint import load_checkpoint, save_checkpoint
-from esta.distributed import all_reduce_scores, world, wrap_ddp
+from esta.distributed import all_reduce_scores, distribute_like, full, is_sharded, world, wrap_ddp, wrap_fsdp
+from esta.distributed import local as local_shard
 from esta.sampling import TaskSpecificSampler, snip_sum
 from esta.tasks import ClassificationTask, Task
 from esta.train.config import TrainConfig
@@ -129,7 +133,11 @@ class Trainer:
         if distributed and self.world < 2:
             raise RuntimeError("Trainer: distributed=True needs torch.distributed initialized with >= 2 ranks")
         self.distributed = distributed
-        self.net = wrap_ddp(model, self.device) if distributed else model
+        self.sharded = distributed and self.config.parallel == "fsdp"
+        if self.sharded:
+            self.net = wrap_fsdp(model, self.device)
+        else:
+            self.net = wrap_ddp(model, self.device) if distributed else model
         c = self.config
         self.global_batch = c.batch_size * c.accum_steps * self.world
         self.steps_per_epoch = len(train_data) // self.global_batch
@@ -198,6 +206,14 @@ class Trainer:
 
     def _grad_norm(self) -> Tensor:
         grads = [p.grad for p in self._trainable() if p.grad is not None]
+        if self.sharded:  # the squares of this rank's shards, added over the ranks
+            import torch.distributed as dist
+
+            sq = torch.zeros((), dtype=torch.float64, device=self.device)
+            for g in grads:
+                sq = sq + local_shard(g).double().square().sum()
+            dist.all_reduce(sq)
+            return sq.sqrt()
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         return torch.nn.utils.get_total_norm(grads, 2.0)
@@ -231,7 +247,12 @@ class Trainer:
             record["skipped"] = True
         else:
             self._update_score(record)
-            if c.clip_grad is not None:
+            if c.clip_grad is not None and self.sharded:
+                coef = min(1.0, c.clip_grad / (norm + 1e-6))  # clip_grads_with_norm_'s rule, on each shard
+                for p in self._trainable():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            elif c.clip_grad is not None:
                 torch.nn.utils.clip_grads_with_norm_(self._trainable(), c.clip_grad, torch.tensor(norm))
             self.optimizer.step()
         self.step += 1
@@ -297,7 +318,9 @@ class Trainer:
                 own[k] = delta if own[k] is None else own[k] + delta
             losses_t.append(loss_t.detach())
             losses_s.append(loss_s.detach())
-        snip, count = snip_sum(params, own)
+        # under FSDP2, this rank's shards (stitch-bias tables are sharded by column: every row is here)
+        values = [(local_shard(p[0]), p[1]) if isinstance(p, tuple) else local_shard(p) for p in params]
+        snip, count = snip_sum(values, own)
         if snip is None:
             snip = losses_t[0].new_zeros((), dtype=torch.float64)
         # one device-to-host copy per step for the two losses, the SNIP sum and the gradient norm
@@ -305,10 +328,16 @@ class Trainer:
                                            torch.stack(losses_s).double().sum() / accum, snip.to(losses_t[0].device),
                                            self._grad_norm().double().to(losses_t[0].device)]).tolist()
         # one collective: the SNIP sum (equal on all ranks under DDP) and the global batch's losses
-        local = {"loss_teacher": lt, "loss_stitch": ls}
-        mean = self._mean_over_ranks(**local, snip=total)
+        own_losses = {"loss_teacher": lt, "loss_stitch": ls}
+        if self.sharded:  # each rank summed its own shards: the whole sum and count are the ranks' sums
+            total, count = all_reduce_scores([total, count], op="sum")
+            count = int(round(count))
+            mean = self._mean_over_ranks(**own_losses)
+            mean["snip"] = total
+        else:
+            mean = self._mean_over_ranks(**own_losses, snip=total)
         total = max(0.0, mean.pop("snip")) if math.isfinite(mean["snip"]) else mean.pop("snip")
-        losses = self._history(mean, local)
+        losses = self._history(mean, own_losses)
         record = {"step": self.step, "phase": "stitch", "stitch": stitch,
                   **losses, "snip": total / count if count else float("nan"), "_score": (total, count)}
         return record, norm
@@ -373,13 +402,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, object]:
-        trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        stitching = {n: t.detach().clone() for n, t in self.model.stitching_layers.state_dict().items()}
+        """The checkpoint (whole tensors; under FSDP2 a collective: every rank calls it)."""
+        trainable = {n: full(p.detach()).clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        stitching = {n: full(t.detach()).clone() for n, t in self.model.stitching_layers.state_dict().items()}
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:
+            optimizer = {"state": {k: {n: full(v) for n, v in st.items()} for k, st in optimizer["state"].items()},
+                         "param_groups": optimizer["param_groups"]}
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"version": _CHECKPOINT_VERSION, "task": self.task.name, "config": asdict(self.config), "step": self.step,
-                "trainable": trainable, "stitching_layers": stitching, "optimizer": self.optimizer.state_dict(),
+                "trainable": trainable, "stitching_layers": stitching, "optimizer": optimizer,
                 "sampler": self.sampler.state_dict(), "rng": rng, "world": self.world,
                 "history": list(self.history), "metadata": dict(self.metadata)}
 
@@ -392,8 +426,10 @@ class Trainer:
             raise ValueError(f"Trainer.load_state_dict: the checkpoint was trained on the task "
                              f"{state.get('task')!r}, this trainer's task is {self.task.name!r}")
         mine = asdict(self.config)
-        if state["config"] != mine:
-            diff = sorted(k for k in set(state["config"]) | set(mine) if state["config"].get(k) != mine.get(k))
+        # keys added since the checkpoint was written take their defaults
+        saved = {**{k: v for k, v in asdict(TrainConfig()).items() if k not in state["config"]}, **state["config"]}
+        if saved != mine:
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ValueError(f"Trainer.load_state_dict: the checkpoint's config differs in {', '.join(diff)}")
         if state.get("world", 1) != self.world:
             raise ValueError(f"Trainer.load_state_dict: the checkpoint was written by {state.get('world', 1)} "
@@ -401,6 +437,11 @@ class Trainer:
         load_model_state(self.model, state, "Trainer.load_state_dict")
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:  # the optimizer's moments back to the shards of their parameters
+            for p, st in self.optimizer.state.items():
+                for name, v in list(st.items()):
+                    if isinstance(v, Tensor) and is_sharded(p) and not is_sharded(v) and v.shape == p.shape:
+                        st[name] = distribute_like(v.to(p.device), p)
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -412,7 +453,13 @@ class Trainer:
             self._set_lr()
 
     def save(self, path: str) -> None:
-        """Writes a checkpoint (rank 0 only), keeping the one it replaces as `path`.prev until the next save."""
+        """Writes a checkpoint (rank 0 only; under FSDP2 every rank gathers it), keeping the one it replaces as
+        `path`.prev until the next save."""
+        if self.sharded:
+            state = self.state_dict()
+            if self.rank == 0:
+                save_checkpoint(state, path)
+            return
         if self.rank != 0:
             return
         save_checkpoint(self.state_dict(), path)
@@ -448,14 +495,20 @@ def load_model_state(model, state: Dict[str, object], where: str = "load_model_s
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state["trainable"]) != names:
         raise ValueError(f"{where}: the checkpoint's trainable parameters do not match the model's")
-    model.stitching_layers.load_state_dict(state["stitching_layers"])
+    if any(is_sharded(t) for t in model.stitching_layers.state_dict().values()):
+        current = model.stitching_layers.state_dict()
+        model.stitching_layers.load_state_dict({n: distribute_like(t.to(current[n].device), current[n])
+                                                for n, t in state["stitching_layers"].items()})
+    else:
+        model.stitching_layers.load_state_dict(state["stitching_layers"])
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in state["trainable"].items():
-            params[n].copy_(t)
+            params[n].copy_(distribute_like(t.to(params[n].device), params[n]))
 
 
 def _grad(p):
+    """The gradient of a member parameter (a (table, row) pair: that row), this rank's shard under FSDP2."""
     if isinstance(p, tuple):
-        return None if p[0].grad is None else p[0].grad[p[1]]
-    return p.grad
+        return None if p[0].grad is None else local_shard(p[0].grad)[p[1]]
+    return None if p.grad is None else local_shard(p.grad)

@@ -56,8 +56,7 @@ def test_presets_are_overridden_key_by_key(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(preset="vit-imagenet"), r"--preset: unknown preset 'vit-imagenet'; available: vit-fgvc, vit-vtab"),
-    (dict(preset="llama-alpaca"), r"--preset: 'llama-alpaca' is not available yet: LLaMA-7B/13B"),
+    (dict(preset="vit-imagenet"), r"--preset: unknown preset 'vit-imagenet'; available: llama-alpaca, vit-fgvc, vit-vtab"),
     (dict(), r"--config: give a config file"),
     (dict(preset="vit-vtab"), r"config.data: give exactly one of .*the preset vit-vtab leaves the data to you; it "
                               r"needs the task: --set data.dataset=vtab-1k/TASK"),
@@ -82,7 +81,7 @@ def test_esta_presets_lists_every_preset_with_its_values(capsys):
         for key, value in flatten(load_preset(name)["config"]):
             assert f"  {key} = {json.dumps(value)}" in out, key
     assert 'train.num_intervals = 15' in out and 'anchors[2].timm = "vit_base_patch16_224.augreg_in21k"' in out
-    assert "llama-alpaca: not available yet" in out and set(PLANNED) == {"llama-alpaca"}
+    assert "llama-alpaca: ESTA instruction tuning" in out and not PLANNED
     assert main(["presets", "vit-vtab"]) == 0
     assert json.loads(capsys.readouterr().out) == json.load(open(os.path.join(ROOT, "configs", "vit-vtab.json")))
     assert main(["presets", "nope"]) == 2

@@ -308,13 +308,19 @@ _KEYS = [
     ("train.temperature", "1", 0), ("train.momentum", "0.9", 1.0), ("train.score", 0, "grasp"),
     ("train.method", None, "joint"), ("train.adapt_epochs", "1", -1), ("train.finetune", True, "lora"),
     ("train.stitch_bias", "false", None), ("train.ranks", "8", [8, 0]), ("train.calibration_images", "20", -3),
-    ("train.nonfinite", 1, "ignore"), ("train.seed", "0", -1),
+    ("train.nonfinite", 1, "ignore"), ("train.seed", "0", -1), ("train.parallel", 2, "fsdp2"),
     ("stitching.kernel_size", "2", 0), ("stitching.stride", 1.5, 0),
     ("evaluate.all", "yes", None), ("evaluate.batch_size", "x", 0),
     ("data.image_size", "abc", 0), ("data.num_workers", "2", -1), ("data.train", 3, None), ("data.test", [], None),
     ("data.builtin", 7, None), ("data.folder", True, None), ("data.dataset", 5, "imagenet"), ("data.root", 3, None),
     ("data.train_transform", 1, "random"), ("data.crop_pct", "0.9", 1.5),
     ("num_classes", "5", 0), ("device", 5, "tpu"),
+    # instruction data and generation (issue 16; their decoder-run cases: tests/esta/test_instruction_runs.py)
+    ("data.instructions", 3, None), ("data.tokenizer", ["x"], None), ("data.max_length", "128", 1),
+    ("data.held_out", "0.1", 1.0), ("data.split_seed", 0.5, -1), ("evaluate.generate_examples", "8", -1),
+    ("evaluate.max_new_tokens", 2.0, 0), ("task", 1, "regression"),
+    ("generate.do_sample", "yes", None), ("generate.top_p", "0.75", 0), ("generate.num_beams", 4.0, 0),
+    ("generate.temperature", "1", 0), ("generate.max_new_tokens", "64", 0),
 ]
 
 
@@ -348,16 +354,17 @@ def test_the_schema_covers_every_key():
     """Every field of every section has a row above (a new key needs its checks tested)."""
     import dataclasses
 
-    from esta.config import DataSpec, EvaluateSpec, RunConfig, StitchingSpec
+    from esta.config import DataSpec, EvaluateSpec, GenerateSpec, RunConfig, StitchingSpec
 
     tested = {k for k, _, _ in _KEYS}
-    sections = {"train": TrainConfig, "stitching": StitchingSpec, "evaluate": EvaluateSpec, "data": DataSpec}
+    sections = {"train": TrainConfig, "stitching": StitchingSpec, "evaluate": EvaluateSpec, "data": DataSpec,
+                "generate": GenerateSpec}
     expected = {f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)}
-    expected |= {"num_classes", "device"}
+    expected |= {"num_classes", "device", "task"}
     untested = expected - tested
     assert not untested, untested
     assert {f.name for f in dataclasses.fields(RunConfig)} == {"anchors", "data", "num_classes", "stitching", "train",
-                                                                 "evaluate", "device"}
+                                                                 "evaluate", "device", "task", "generate"}
 
 
 @pytest.mark.parametrize("config, match", [
@@ -365,10 +372,10 @@ def test_the_schema_covers_every_key():
     ({"data": {"builtin": "digits-5to9"}}, "config: missing key.*anchors"),
     ({"anchors": "vit", "data": {"builtin": "digits-5to9"}}, "config.anchors: must be a list"),
     ({"anchors": [{"timm": "a", "demo": "b"}, _anchor(8)], "data": {"builtin": "x"}},
-     r"config.anchors\[0\]: give exactly one of 'demo' or 'timm'"),
+     r"config.anchors\[0\]: give exactly one of 'demo', 'timm' or 'hf'"),
     ({"anchors": [_anchor(8), {**_anchor(16), "kwargs": "x"}], "data": {"builtin": "x"}},
      r"config.anchors\[1\].kwargs: must be a table"),
-    ({"anchors": [_anchor(8), _anchor(16)], "data": {}}, "config.data: give exactly one of 'builtin', 'folder' or 'dataset'"),
+    ({"anchors": [_anchor(8), _anchor(16)], "data": {}}, "config.data: give exactly one of 'builtin', 'folder', 'dataset' or 'instructions'"),
     ({"anchors": [_anchor(8), _anchor(16)], "data": {"builtin": "digits-5to9"}, "stitching": {"calibration_images": 20}},
      "config.stitching: unknown key.*calibration_images"),
     ({"anchors": [_anchor(8), _anchor(16)], "data": {"builtin": "digits-5to9"},

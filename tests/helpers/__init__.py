@@ -4,6 +4,7 @@
     devices        the device axis of kernel tests: cpu always, cuda cases marked `gpu`
     models         tiny timm ViTs, generic MLP anchors, the 3-anchor StitchableModel, gradient recording
     fake_datasets  tiny fake copies of the vision datasets' layouts; an image folder
+    instructions   tiny Llama families saved as HF directories, a trained tokenizer, instruction-run configs
     gpu_matrix     the GPU correctness matrix, run per group as `python -m tests.helpers.gpu_matrix`
 
 This module imports nothing heavy: gpu_matrix sets Triton's environment before torch or triton load.
