@@ -620,7 +620,7 @@ def test_generate_text_and_cli(tmp_path, capsys):
         (["--export", str(tmp_path / "s3"), "--prompt", "x", "--top-p", "1.5"], "--top-p"),
         (["--export", str(tmp_path / "nothing"), "--prompt", "x"], "--export"),
         (["--export", str(tmp_path / "s3"), "--stitch", "2", "--prompt", "x"], "--stitch"),
-        (["--run", str(tmp_path), "--stitch", "2", "--prompt", "x"], "decoder training run"),
+        (["--run", str(tmp_path), "--stitch", "2", "--prompt", "x"], "is not a run directory"),
     ]:
         assert main(["generate"] + argv) == 2
         assert match in capsys.readouterr().err

@@ -335,7 +335,7 @@ def test_folder_splits_join(tmp_path):
     ({"dataset": "imagenet", "root": "/x"}, r"config.data.dataset: unknown dataset 'imagenet'; known: cifar-100"),
     ({"dataset": "cub-200-2011"}, r"config.data.root: 'root' .* goes with 'dataset'"),
     ({"folder": "/x", "root": "/y"}, r"config.data.root: 'root' .* goes with 'dataset'"),
-    ({"folder": "/x", "dataset": "dtd", "root": "/y"}, r"config.data: give exactly one of 'builtin', 'folder' or"),
+    ({"folder": "/x", "dataset": "dtd", "root": "/y"}, r"config.data: give exactly one of 'builtin', 'folder', 'dataset' or 'instructions'"),
     ({"builtin": "digits-5to9", "train_transform": "fgvc"}, r"config.data.train_transform: applies to image data"),
     ({"builtin": "digits-5to9", "crop_pct": 0.9}, r"config.data.crop_pct: applies to image data"),
 ])
