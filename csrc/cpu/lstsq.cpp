@@ -1,4 +1,4 @@
-// CPU kernel of esta::lstsq_accumulate (schema in csrc/ops.cpp): one batch of the streaming least-squares
+// CPU kernel of esta::lstsq_accumulate (schema in esta_kernels/_ext.py): one batch of the streaming least-squares
 // stitching init.
 //
 //   u = h_in - shift_in[b], v = h_out - shift_out[b] for the rows of block b, ua = [u, 1]

@@ -1,4 +1,4 @@
-// CPU kernels of esta::stitched_linear and esta::stitched_linear_backward (schemas in csrc/ops.cpp).
+// CPU kernels of esta::stitched_linear and esta::stitched_linear_backward (schemas in esta_kernels/_ext.py).
 //
 //   y = x @ W.T + bias + scale * (x @ A.T) @ B.T + stitch_bias[ids]
 //
