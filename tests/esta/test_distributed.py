@@ -27,6 +27,7 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install to
 from tests.helpers.models import record_grads, tiny_model  # noqa: E402
 
 from tests.helpers import ROOT  # noqa: E402
+from tests.helpers.ranks import launch_ranks  # noqa: E402
 WORLD = 2
 STEPS = 6
 PER_RANK = 4          # batch_size per rank; the global batch is PER_RANK * WORLD = 8
@@ -111,30 +112,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 def _launch(tmp_path, world=WORLD):
     """Runs `_worker` on `world` processes; returns each rank's result. Kills every rank on a timeout."""
-    store = str(tmp_path / "store")
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    procs = []
-    for r in range(world):
-        code = f"from tests.esta import test_distributed as t; t._worker({r}, {world}, {store!r}, {outs[r]!r})"
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.monotonic() + TIMEOUT
-    logs = []
-    try:
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"distributed run did not finish in {TIMEOUT} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-6000:]}"
-    return [torch.load(o, weights_only=False) for o in outs]
+    return launch_ranks("tests.esta.test_distributed", tmp_path, world, TIMEOUT, "distributed run")[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ checkpoint loads into a plain 1-process trainer.
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from esta.train import Trainer, TrainConfig
 transformers = pytest.importorskip("transformers", reason="decoder anchors need transformers")
 
 from tests.helpers import ROOT  # noqa: E402
+from tests.helpers.ranks import launch_ranks  # noqa: E402
 WORLD = 2
 STEPS = 5
 PER_RANK = 4
@@ -105,31 +105,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 def _launch(tmp_path, world=WORLD):
-    store = str(tmp_path / "store")
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    procs = []
-    for r in range(world):
-        code = f"import tests.esta.test_instruction_fsdp as t; t._worker({r}, {world}, {store!r}, {outs[r]!r})"
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.monotonic() + TIMEOUT
-    logs = []
-    try:
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"FSDP run did not finish in {TIMEOUT} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-6000:]}"
-    return [torch.load(o, weights_only=False) for o in outs], outs[0] + ".ckpt"
+    results, outs = launch_ranks("tests.esta.test_instruction_fsdp", tmp_path, world, TIMEOUT, "FSDP run")
+    return results, outs[0] + ".ckpt"
 
 
 @pytest.fixture(scope="module")
