@@ -524,9 +524,13 @@ class Palette(nn.Module):
                     rows_extra = {k: v.index_select(0, order) for k, v in per_row.items()}
                     rows_in = inputs.index_select(0, order)
                 if type(anchor).block_kwargs is not Anchor.block_kwargs:
-                    def kwargs_of(lo, hi, anchor=anchor, rows_extra=rows_extra, rows_in=rows_in, buf=buf):
-                        sliced = {k: v[lo:hi] for k, v in rows_extra.items()}
-                        return anchor.block_kwargs(rows_in[lo:hi], buf[lo:hi], **shared, **sliced)
+                    built: Dict[Tuple[int, int], Dict[str, object]] = {}  # one build per distinct slice
+
+                    def kwargs_of(lo, hi, anchor=anchor, rows_extra=rows_extra, rows_in=rows_in, buf=buf, built=built):
+                        if (lo, hi) not in built:
+                            sliced = {k: v[lo:hi] for k, v in rows_extra.items()}
+                            built[(lo, hi)] = anchor.block_kwargs(rows_in[lo:hi], buf[lo:hi], **shared, **sliced)
+                        return built[(lo, hi)]
                 for b, block in enumerate(anchor.blocks):
                     active = ([m for m in entering if self.members[m].end_block <= b] + own +
                               [m for m in leaving if self.members[m].front_block >= b])

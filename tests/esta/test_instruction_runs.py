@@ -16,6 +16,7 @@ pytest.importorskip("transformers", reason="decoder anchors need transformers")
 pytest.importorskip("tokenizers", reason="the test tokenizer is trained with the tokenizers package")
 
 from tests.helpers.instructions import lm_config, make_family, save_llama, train_tokenizer  # noqa: E402
+from tests.helpers.config_keys import bad_value_cases, set_key  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,30 +83,9 @@ _LM_KEYS = [
 ]
 
 
-def _set(config, path, value):
-    *parents, last = path.split(".")
-    d = config
-    for p in parents:
-        if p.endswith("]"):
-            name, index = p[:-1].split("[")
-            d = d[name][int(index)]
-        else:
-            d = d.setdefault(p, {})
-    d[last] = value
-    return config
-
-
-def _cases():
-    for key, wrong, bad in _LM_KEYS:
-        if wrong is not None:
-            yield pytest.param(key, wrong, id=f"{key}-type")
-        if bad is not None:
-            yield pytest.param(key, bad, id=f"{key}-range")
-
-
-@pytest.mark.parametrize("key,value", list(_cases()))
+@pytest.mark.parametrize("key,value", list(bad_value_cases(_LM_KEYS)))
 def test_every_new_key_with_a_bad_value_is_one_line_and_status_2(family, tmp_path, capsys, key, value):
-    config = _set(lm_config(family), key, value)
+    config = set_key(lm_config(family), key, value)
     assert _train(tmp_path, tmp_path / "o", config) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"config.{key}" in err and "Traceback" not in err, err
@@ -198,7 +178,7 @@ def test_instruction_keys_are_refused_on_vision_runs():
     base = {"anchors": [{"demo": "vit-demo-ti"}, {"demo": "vit-demo-s"}], "data": {"builtin": "letters-cgoqd"}}
     for key, value in (("data.max_length", 64), ("data.tokenizer", "t"), ("data.held_out", 0.1),
                        ("data.split_seed", 1), ("evaluate.generate_examples", 8), ("evaluate.max_new_tokens", 4)):
-        config = _set(json.loads(json.dumps(base)), key, value)
+        config = set_key(json.loads(json.dumps(base)), key, value)
         with pytest.raises(ConfigError, match=rf"config.{key}: applies to"):
             parse_config(config)
     with pytest.raises(ConfigError, match="config.task: is 'classification' but the data are instructions"):

@@ -21,6 +21,7 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install to
 pytest.importorskip("sklearn", reason="the builtin digits data needs scikit-learn")
 
 from tests.helpers import ROOT  # noqa: E402
+from tests.helpers.config_keys import bad_value_cases, set_key  # noqa: E402
 
 
 def _anchor(d):
@@ -324,26 +325,9 @@ _KEYS = [
 ]
 
 
-def _set(config, path, value):
-    *parents, last = path.split(".")
-    d = config
-    for p in parents:
-        d = d.setdefault(p, {})
-    d[last] = value
-    return config
-
-
-def _cases():
-    for key, wrong, bad in _KEYS:
-        if wrong is not None:
-            yield pytest.param(key, wrong, id=f"{key}-type")
-        if bad is not None:
-            yield pytest.param(key, bad, id=f"{key}-range")
-
-
-@pytest.mark.parametrize("key,value", list(_cases()))
+@pytest.mark.parametrize("key,value", list(bad_value_cases(_KEYS)))
 def test_every_key_with_a_bad_value_is_one_line_and_status_2(tmp_path, capsys, key, value):
-    config = _set(_config(), key, value)
+    config = set_key(_config(), key, value)
     assert main(["train", "--config", _write(tmp_path, config), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"config.{key}" in err and "Traceback" not in err, err
