@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="decoder anchors need transformers")
 pytest.importorskip("tokenizers", reason="the test tokenizer is trained with the tokenizers package")
 
 from tests.helpers.instructions import lm_config, make_family, save_llama, train_tokenizer  # noqa: E402
-from tests.helpers.config_keys import bad_value_cases, set_key  # noqa: E402
+from tests.helpers.config_keys import bad_value_cases, set_key, snapshot as _snapshot  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,16 +40,6 @@ def _write(tmp_path, config, name="config.json"):
 
 def _train(tmp_path, out, config, *extra):
     return main(["train", "--config", _write(tmp_path, config), "--out", str(out), "--no-progress", *extra])
-
-
-def _snapshot(directory):
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            if f != ".lock":
-                path = os.path.join(root, f)
-                out[os.path.relpath(path, directory)] = open(path, "rb").read()
-    return out
 
 
 @pytest.fixture(scope="module")

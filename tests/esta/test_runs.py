@@ -21,7 +21,7 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install to
 pytest.importorskip("sklearn", reason="the builtin digits data needs scikit-learn")
 
 from tests.helpers import ROOT  # noqa: E402
-from tests.helpers.config_keys import bad_value_cases, set_key  # noqa: E402
+from tests.helpers.config_keys import bad_value_cases, set_key, snapshot as _snapshot  # noqa: E402
 
 
 def _anchor(d):
@@ -51,17 +51,6 @@ def _write(tmp_path, config, name="config.json"):
 def _train(tmp_path, out, config=None, *extra):
     return main(["train", "--config", _write(tmp_path, config or _config()), "--out", str(out), "--no-progress",
                  *extra])
-
-
-def _snapshot(directory):
-    """{name: bytes} of the files a run directory holds (the lock file excluded)."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            if f != ".lock":
-                path = os.path.join(root, f)
-                out[os.path.relpath(path, directory)] = open(path, "rb").read()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@
     models         tiny timm ViTs, generic MLP anchors, the 3-anchor StitchableModel, gradient recording
     fake_datasets  tiny fake copies of the vision datasets' layouts; an image folder
     instructions   tiny Llama families saved as HF directories, a trained tokenizer, instruction-run configs
-    config_keys    one dotted key of a config dict set; the bad-value cases of a key table
+    config_keys    one dotted key of a config dict set; the bad-value cases of a key table; run-directory snapshots
     ranks          multi-process gloo tests: a module's `_worker` on N processes
     gpu_matrix     the GPU correctness matrix, run per group as `python -m tests.helpers.gpu_matrix`
 

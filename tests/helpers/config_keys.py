@@ -1,4 +1,4 @@
-"""Config-schema tests: set one dotted key of a config dict, and the bad-value cases of a key table."""
+"""Config and run-directory tests: one dotted key of a config set, bad-value cases, run-directory snapshots."""
 import pytest
 
 
@@ -23,3 +23,18 @@ def bad_value_cases(keys):
             yield pytest.param(key, wrong, id=f"{key}-type")
         if bad is not None:
             yield pytest.param(key, bad, id=f"{key}-range")
+
+
+def snapshot(directory) -> dict:
+    """{name: bytes} of the files a run directory holds (the lock file excluded): what a refused command
+    must leave unchanged."""
+    import os
+
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            if f != ".lock":
+                path = os.path.join(root, f)
+                with open(path, "rb") as fh:
+                    out[os.path.relpath(path, directory)] = fh.read()
+    return out
