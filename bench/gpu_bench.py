@@ -7,8 +7,8 @@
 For each shape (bench.shapes.GPU_SHAPES: LLaMA-7B q_proj, MLP up and down, ViT-B and ViT-S qkv) and provider
 (bench.providers.GPU_SCRIPT_PROVIDERS: cuBLAS F.linear alone, the naive composition eager, the
 cuBLAS-accumulate composition, esta triton, esta cuda, esta triton with xa fused into the main loop, the
-Hopper path's persistent kernel as a plain GEMM, and the naive composition under
-torch.compile(mode="max-autotune-no-cudagraphs"), last) it records:
+Hopper path's persistent kernel as a plain GEMM, the naive composition under
+torch.compile(mode="max-autotune-no-cudagraphs"), and esta triton with g by its own launch, last) it records:
   fwd_us, fwd_bwd_us   median of per-call CUDA-event times after warm-up; calls rotate over several input
                        sets (each with its own x, weights and grad_y) whose total size is several times
                        the L2 cache, so no call finds its operands in L2 from the call before

@@ -13,6 +13,8 @@ The baselines come from esta_kernels.reference, the module the tests use, so the
     esta_torch     esta_kernels.stitched_linear(backend="torch"): the float32-accumulating reference
     esta_cpu / esta_triton / esta_cuda   esta_kernels.stitched_linear(backend=...)
     esta_triton_fused_xa  esta triton with ESTA_TRITON_XA=fused (xa accumulated in the Hopper main loop)
+    esta_triton_thin_g  esta triton with ESTA_TRITON_G=thin (g = scale dy B by its own launch before dx; the
+                   default computes it in the dx launch's g jobs)
     esta_triton_plain_gemm  the Hopper path's persistent kernel as a plain GEMM (y = x W^T, dx = dy W): its
                    main loop alone, to set beside F.linear (counted like the floor)
 
@@ -301,6 +303,8 @@ PROVIDERS = {
                  _esta_unavailable("cuda", "cuda")),
         Provider("esta_triton_fused_xa", "esta triton, ESTA_TRITON_XA=fused (xa in the Hopper main loop)", True,
                  _make_build_esta_env("triton", {"ESTA_TRITON_XA": "fused"}), _hopper_only),
+        Provider("esta_triton_thin_g", "esta triton, ESTA_TRITON_G=thin (g by its own launch before dx)", True,
+                 _make_build_esta_env("triton", {"ESTA_TRITON_G": "thin"}), _hopper_only),
         Provider("esta_triton_plain_gemm", "the Hopper path's persistent kernel as a plain GEMM (x W^T; dx)",
                  False, _build_plain_gemm, _hopper_only),
     )
@@ -311,7 +315,7 @@ CPU_BENCH_PROVIDERS = ("flinear", "naive", "peft", "esta_cpu")
 CUDA_BENCH_PROVIDERS = ("flinear", "naive", "peft", "esta_triton", "esta_cuda")
 # what bench/gpu_bench.py runs (esta before the compiled baseline, whose compile time can use up the budget)
 GPU_SCRIPT_PROVIDERS = ("flinear", "naive", "cublas_accumulate", "esta_triton", "esta_cuda", "esta_triton_fused_xa",
-                        "esta_triton_plain_gemm", "naive_compile_max_autotune")
+                        "esta_triton_plain_gemm", "naive_compile_max_autotune", "esta_triton_thin_g")
 DRY_RUN_PROVIDERS = ("flinear", "naive", "cublas_accumulate", "esta_torch", "esta_cpu", "naive_compile_aot_eager")
 
 

@@ -2,6 +2,7 @@
 
     python -m esta_kernels.inspect [--arch 90] [--json] [--dtype bfloat16] [--params fp32|same]
                                    [--shapes llama7b_q_proj,vit_b_qkv] [--all-configs]
+                                   [--xa thin|fused] [--g fused|thin]
 
 For each shape of esta_kernels/shapes.py (GPU_SHAPES, the GPU benchmark's), the forward's
 and the backward's launches are planned on meta tensors exactly as the op plans them on a GPU of the given
@@ -45,7 +46,7 @@ def bench_shapes():
 
 # ---------------------------------------------------------------------------------------- launches
 def op_launches(shape, dtype_name: str = "bfloat16", params: str = "fp32", arch: int = 90,
-                num_sms: int = 132, mode: str = "thin"):
+                num_sms: int = 132, mode: str = "thin", g_mode: str = "fused"):
     """[(label, Launch)] of one forward and one backward of the op at `shape` (all features on: bias if the
     shape has one, LoRA, per-row ids), planned on meta tensors for `arch`."""
     import torch
@@ -64,7 +65,8 @@ def op_launches(shape, dtype_name: str = "bfloat16", params: str = "fp32", arch:
     a, bb, sb = mk(r, K, dtype=pdt), mk(N, r, dtype=pdt), mk(S, N, dtype=pdt)
     ids = mk(M, dtype=torch.int64)
     fwd = sl.plan_forward(x, w, b, a, bb, sb, ids, 2.0, arch=arch, num_sms=num_sms, mode=mode)
-    bwd = sl.plan_backward(dy, x, w, a, bb, fwd.xa, ids, S, 2.0, [True] * 4, arch=arch, num_sms=num_sms)
+    bwd = sl.plan_backward(dy, x, w, a, bb, fwd.xa, ids, S, 2.0, [True] * 4, arch=arch, num_sms=num_sms,
+                           mode=g_mode)
     return ([(f"fwd-{name}", launch, fwd.path) for name, launch in fwd.launches]
             + [(f"bwd-{name}", launch, bwd.path) for name, launch in bwd.launches])
 
@@ -165,14 +167,14 @@ def compile_launch(launch, config, arch: int) -> Dict:
 
 
 def report(arch: int = 90, dtype_name: str = "bfloat16", params: str = "fp32", shape_names=None,
-           all_configs: bool = False, mode: str = "thin", log=None) -> Dict:
+           all_configs: bool = False, mode: str = "thin", log=None, g_mode: str = "fused") -> Dict:
     """The whole report as a dict: versions, one record per (shape, launch, config), CUDA rows."""
     import triton
 
     rows: List[Dict] = []
     shapes = [s for s in bench_shapes() if not shape_names or s.name in shape_names]
     for shape in shapes:
-        for label, launch, path in op_launches(shape, dtype_name, params, arch, mode=mode):
+        for label, launch, path in op_launches(shape, dtype_name, params, arch, mode=mode, g_mode=g_mode):
             configs = configs_of(launch, arch)
             for i, config in enumerate(configs if all_configs else configs[:1]):
                 rec = dict(shape=shape.name, launch=label, path=path, config_index=i,
@@ -190,7 +192,7 @@ def report(arch: int = 90, dtype_name: str = "bfloat16", params: str = "fp32", s
             cuda_rows = _cuda_report.cuda_kernel_report(arch)
         except Exception as e:
             cuda_rows = [{"error": f"{type(e).__name__}: {e}"}]
-    return dict(arch=arch, dtype=dtype_name, params=params, xa_mode=mode, triton=triton.__version__,
+    return dict(arch=arch, dtype=dtype_name, params=params, xa_mode=mode, g_mode=g_mode, triton=triton.__version__,
                 ptxas=_ptxas_version(), rows=rows, cuda=cuda_rows)
 
 
@@ -230,19 +232,22 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated GPU shape names (esta_kernels/shapes.py)")
     ap.add_argument("--all-configs", action="store_true", help="every autotune configuration, not the first")
     ap.add_argument("--xa", default="thin", choices=("thin", "fused"), help="how the forward makes xa")
+    ap.add_argument("--g", default="fused", choices=("fused", "thin"),
+                    help="how the backward makes g: in the dx launch (fused, the default) or its own launch")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         ap.error("TRITON_INTERPRET=1 is set: the interpreter cannot compile kernels; unset it")
     names = args.shapes.split(",") if args.shapes else None
     if args.json:
-        print(json.dumps(report(args.arch, args.dtype, args.params, names, args.all_configs, args.xa), indent=1))
+        print(json.dumps(report(args.arch, args.dtype, args.params, names, args.all_configs, args.xa,
+                                g_mode=args.g), indent=1))
         return 0
     import triton
 
-    print(f"esta kernel report: sm_{args.arch}, {args.dtype} x, params {args.params}, xa {args.xa}, "
+    print(f"esta kernel report: sm_{args.arch}, {args.dtype} x, params {args.params}, xa {args.xa}, g {args.g}, "
           f"triton {triton.__version__}, ptxas {_ptxas_version()}")
     print(HEADER)
-    rep = report(args.arch, args.dtype, args.params, names, args.all_configs, args.xa,
+    rep = report(args.arch, args.dtype, args.params, names, args.all_configs, args.xa, g_mode=args.g,
                  log=lambda line: print(line, flush=True))
     if rep["cuda"] is not None:
         print("\nCUDA backend kernels (esta_kernels._cuda_report):")

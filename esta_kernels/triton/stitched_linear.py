@@ -16,7 +16,9 @@ Forward, two launches: xa = x @ A.T, (M, r) float32 (a thin GEMM), then y = x @ 
 + bias + stitch_bias[ids[m]] (the LoRA term one more MMA on the same accumulator, bias and the per-row
 stitch-bias gather in the epilogue). ESTA_TRITON_XA=fused computes xa inside the main loop instead (Hopper
 path, rank <= 32; see bench/README.md for the two variants).
-Backward, four launches: g = scale * dy @ B (thin GEMM); dx = dy @ W + g @ A (the main kernel again);
+Backward: g = scale * dy @ B and dx = dy @ W + g @ A (on the Hopper path one launch: its g jobs write g
+before the dx tiles that need it, so dy is read once for both; ESTA_TRITON_G=thin, and the pointer path,
+run a thin GEMM for g first);
 d B = scale * dy.T @ xa and d stitch_bias = onehot(ids).T @ dy in one split-M pass over dy
 (`_row_reduce_kernel`: two tensor-core dots from each dy tile); d A = (x.T @ g).T in one split-M pass over
 x. The reductions over M write per-split partials that torch sums in a fixed order: deterministic, no
@@ -298,6 +300,13 @@ _INTERPRETER_META = {
 _INTERPRETER_MAX_BLOCK_R = 16  # small, so that tests with r > 16 cover the rank loop
 _INTERPRETER_MAX_BLOCK_S = 16
 _INTERPRETER_NUM_SMS = 3
+# Widest g chunk of a G_JOBS launch (at most the narrowest BLOCK_N of the main configs: a g job's
+# accumulator is never wider than a dx tile's)
+G_MAX_BLOCK = 128
+# Most polls of a dx tile waiting for its row block's g (an L2 round trip each, ~1 us): a g job takes at
+# most one main loop (tens of us at the LLaMA shapes), so the bound is reached only when the program
+# running that g job is not resident; the tile then computes its g itself.
+G_MAX_POLLS = 1 << 14
 
 
 def autotune_configs(role: str, family: str, tune: str) -> List[triton.Config]:
@@ -305,7 +314,8 @@ def autotune_configs(role: str, family: str, tune: str) -> List[triton.Config]:
     "tma_thin" on the Hopper path) on an arch family ("ampere", "hopper") for a tuning class
     (Launch.tune)."""
     if role == "tma":
-        return hopper_gemm.main_configs(heavy=tune.endswith("+heavy"), fused=tune.startswith("fused"))
+        return hopper_gemm.main_configs(heavy=tune.endswith("+heavy"), fused=tune.startswith("fused"),
+                                        g_jobs=tune == "gjobs")
     if role == "tma_thin":
         return hopper_gemm.thin_configs(tune)
     if role == "gemm":
@@ -338,7 +348,10 @@ _AUTOTUNE_KEYS = {"gemm": ["M_BUCKET", "N", "K"], "thin": ["M_BUCKET", "N", "K"]
 @functools.lru_cache(maxsize=None)
 def _autotuner(role: str, family: str, tune: str, enabled: bool):
     configs = autotune_configs(role, family, tune)
-    return triton.autotune(configs=configs if enabled else configs[:1], key=_AUTOTUNE_KEYS[role])(_KERNELS[role])
+    # a G_JOBS launch counts its g jobs in `ready_ptr`: every timed run starts from the zeroed buffer
+    restore = ["ready_ptr"] if tune == "gjobs" else None
+    return triton.autotune(configs=configs if enabled else configs[:1], key=_AUTOTUNE_KEYS[role],
+                           restore_value=restore)(_KERNELS[role])
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -384,6 +397,22 @@ def _arch(device: torch.device, interpreter: bool) -> Optional[int]:
         return None
     major, minor = device_capability(device.index)
     return 10 * major + minor
+
+
+def g_mode() -> str:
+    """ESTA_TRITON_G: "fused" (default: on the Hopper path the dx launch also computes g = scale * dy @ B,
+    so dy is read once for both) or "thin" (g by a thin GEMM before dx, as the pointer path does)."""
+    mode = os.environ.get("ESTA_TRITON_G", "fused")
+    if mode not in ("thin", "fused"):
+        raise ValueError(f"ESTA_TRITON_G={mode!r}: expected 'thin' or 'fused'")
+    return mode
+
+
+def g_ready_buffer(M: int, device: torch.device) -> Tensor:
+    """The zeroed int32 schedule buffer of a G_JOBS launch: element 0 the schedule check, then one counter
+    per row block of the smallest BLOCK_M any config (or the interpreter) uses."""
+    block_m = min(min(c[0] for c in hopper_gemm.MAIN_CONFIGS), _INTERPRETER_META["tma"]["BLOCK_M"])
+    return torch.zeros(1 + triton.cdiv(M, block_m), dtype=torch.int32, device=device)
 
 
 def xa_mode() -> str:
@@ -474,11 +503,15 @@ def plan_tma_gemm(a: Tensor, b: Tensor, out: Tensor, *, b_kmajor: bool, bias: Op
                   lo_out: Optional[Tensor] = None, stitch_bias: Optional[Tensor] = None,
                   ids: Optional[Tensor] = None, flag: Optional[Tensor] = None, main_scale: float = 1.0,
                   lo_scale: float = 1.0, lo_out_scale: float = 1.0, thin: bool = False, interpreter: bool = False,
-                  num_sms: int = 132) -> Launch:
+                  num_sms: int = 132, gb: Optional[Tensor] = None, ready: Optional[Tensor] = None,
+                  g_scale: float = 1.0) -> Launch:
     """Hopper path (hopper_gemm._persistent_gemm_kernel): out (M, N) = main_scale * a @ B + lo_scale *
     lo @ up + bias + sb[ids], B = b.T (b_kmajor: b is (N, K)) or b ((K, N)). With `la` (the fused variant)
     lo = a @ la.T is accumulated in the main loop and lo_out receives lo_out_scale * lo. a, b and out must
-    pass tma_path's rules; `thin` marks a GEMM whose N is a LoRA rank (BLOCK_N = the padded rank)."""
+    pass tma_path's rules; `thin` marks a GEMM whose N is a LoRA rank (BLOCK_N = the padded rank).
+    With `gb` (the backward's dx, b given as (K, N)) the launch also computes lo = g_scale * a @ gb (gb
+    (K, R) in a's dtype, lo the float32 (M, R) buffer it writes) in g jobs before the tiles that use it;
+    `ready` is its zeroed int32 schedule buffer (g_ready_buffer)."""
     M, K = a.shape
     N = b.shape[0] if b_kmajor else b.shape[1]
     fused = la is not None
@@ -489,11 +522,20 @@ def plan_tma_gemm(a: Tensor, b: Tensor, out: Tensor, *, b_kmajor: bool, bias: Op
     # beside the main loop's stages and the output tile (at r = 256, 64-wide chunks overflowed sm_90's
     # 227 KB with 128 x 256 tiles)
     block_r = _pad16(R) if fused else 16
-    sms = _INTERPRETER_NUM_SMS if interpreter else num_sms
+    g_jobs = gb is not None
+    if g_jobs and (b_kmajor or fused or thin or ready is None or lo is None or R == 0):
+        raise ValueError("plan_tma_gemm: g jobs need b as (K, N), the g buffer `lo`, a rank > 0 and `ready`")
+    # the interpreter runs programs one after another: a G_JOBS launch runs as one program there (a later
+    # program's g jobs would not have run when an earlier one's tile needs them), and never polls
+    sms = (1 if g_jobs else _INTERPRETER_NUM_SMS) if interpreter else num_sms
     meta = dict(B_KMAJOR=b_kmajor, HAS_BIAS=bias is not None, HAS_LORA=R > 0 and up is not None, FUSE_LO=fused,
-                HAS_STITCH=has_stitch, BLOCK_R=block_r, NUM_SMS=sms)
+                HAS_STITCH=has_stitch, BLOCK_R=block_r, NUM_SMS=sms, G_JOBS=g_jobs,
+                BLOCK_G=min(_pad16(R), _INTERPRETER_MAX_BLOCK_R if interpreter else G_MAX_BLOCK) if g_jobs else 16,
+                MAX_POLLS=0 if interpreter or not g_jobs else G_MAX_POLLS)
     tune = ""
-    if thin:
+    if g_jobs:
+        tune = "gjobs"
+    elif thin:
         meta["BLOCK_N"] = min(_pad16(N), 256)
         tune = "narrow" if meta["BLOCK_N"] <= 64 else "wide"
     else:
@@ -517,10 +559,15 @@ def plan_tma_gemm(a: Tensor, b: Tensor, out: Tensor, *, b_kmajor: bool, bias: Op
         stride_sbn=stitch_bias.stride(1) if has_stitch else 0,
         stride_ids=_stride_ids(ids) if has_stitch else 0,
         main_scale=float(main_scale), lo_scale=float(lo_scale), lo_out_scale=float(lo_out_scale),
+        gb_ptr=gb, ready_ptr=ready, stride_gb=gb.stride(0) if g_jobs else 0, g_scale=float(g_scale),
     )
 
     def grid(m):
-        return (min(m["NUM_SMS"], triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
+        row_blocks = triton.cdiv(M, m["BLOCK_M"])
+        tiles = row_blocks * triton.cdiv(N, m["BLOCK_N"])
+        if m["G_JOBS"]:
+            tiles += row_blocks * triton.cdiv(R, m["BLOCK_G"])
+        return (min(m["NUM_SMS"], tiles),)
 
     return Launch("tma_thin" if thin else "tma", args, meta, grid, tune)
 
@@ -658,7 +705,7 @@ class BackwardPlan(NamedTuple):
 def plan_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Optional[Tensor], lora_b: Optional[Tensor],
                   lora_xa: Tensor, ids: Optional[Tensor], num_stitches: int, scale: float,
                   output_mask: Sequence[bool], *, arch: Optional[int], interpreter: bool = False,
-                  num_sms: int = 132) -> BackwardPlan:
+                  num_sms: int = 132, mode: str = "fused") -> BackwardPlan:
     """Allocates the backward's outputs and partial buffers and plans its launches (see the module
     docstring). dy has x's dtype; ids are given only when d stitch_bias is wanted."""
     M, K = x.shape
@@ -683,16 +730,25 @@ def plan_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Optional[Tensor
         return BackwardPlan(launches, lambda: (dx, d_a, d_b, d_s), flag, "tma" if use_tma else "pointer")
 
     g = None
+    # mode "fused": on the Hopper path the dx launch writes g as well (its g jobs), when dx is wanted
+    g_in_dx = bool(r) and use_tma and need_dx and K > 0 and mode == "fused"
     if r and (need_dx or need_da):
         g = _rank_buffer(M, r, dev)
-        if use_tma:
+        if g_in_dx:
+            pass
+        elif use_tma:
             launches.append(("g", plan_tma_gemm(dy, _lowp_factor(lora_b, dy.dtype), g, b_kmajor=False,
                                                 main_scale=scale, thin=True, interpreter=interpreter,
                                                 num_sms=num_sms)))
         else:
             launches.append(("g", plan_gemm(dy, lora_b, g, main_scale=scale, thin=True, interpreter=interpreter)))
     if need_dx and K:
-        if use_tma:
+        if g_in_dx:
+            launches.append(("dx", plan_tma_gemm(dy, weight, dx, b_kmajor=False, lo=g,
+                                                 up=_lowp_factor(lora_a, dy.dtype),
+                                                 gb=_lowp_factor(lora_b, dy.dtype), ready=g_ready_buffer(M, dev),
+                                                 g_scale=scale, interpreter=interpreter, num_sms=num_sms)))
+        elif use_tma:
             launches.append(("dx", plan_tma_gemm(dy, weight, dx, b_kmajor=False, lo=g,
                                                  up=_lowp_factor(lora_a, dy.dtype) if r else None,
                                                  interpreter=interpreter, num_sms=num_sms)))
@@ -720,7 +776,7 @@ def plan_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Optional[Tensor
         out_a = _sum_splits(parts_a).t().contiguous() if parts_a is not None else d_a
         return dx, out_a, out_b, out_s
 
-    return BackwardPlan(launches, finish, flag, "tma" if use_tma else "pointer")
+    return BackwardPlan(launches, finish, flag, ("tma-fused-g" if g_in_dx else "tma") if use_tma else "pointer")
 
 
 # --------------------------------------------------------------------------------------------- launching
@@ -845,6 +901,6 @@ def triton_stitched_linear_backward(
     need_ds = bool(output_mask[3])
     ids = _prepare_ids(name, stitch_ids, M, num_stitches) if need_ds and num_stitches > 0 else None
     plan = plan_backward(dy, x, weight, lora_a, lora_b, lora_xa, ids, num_stitches, scale, output_mask,
-                         arch=_arch(dev, interp), interpreter=interp, num_sms=_num_sms(dev))
+                         arch=_arch(dev, interp), interpreter=interp, num_sms=_num_sms(dev), mode=g_mode())
     _run(plan.launches, plan.flag, num_stitches, dev)
     return plan.finish()

@@ -33,10 +33,11 @@ def test_static_report_main_kernels_use_wgmma_and_tma_without_spills(tmp_path, p
     assert all(r["ok"] for r in rows), [r.get("error") for r in rows if not r["ok"]]
     for shape in ("llama7b_q_proj", "vit_b_qkv"):
         by_launch = {r["launch"]: r for r in rows if r["shape"] == shape}
-        assert set(by_launch) == {"fwd-xa", "fwd-y", "bwd-g", "bwd-dx", "bwd-dlora_b+dstitch", "bwd-dlora_a"}
-        for name in ("fwd-y", "bwd-dx"):
+        # g = scale dy B is computed by the dx launch's g jobs (no launch of its own)
+        assert set(by_launch) == {"fwd-xa", "fwd-y", "bwd-dx", "bwd-dlora_b+dstitch", "bwd-dlora_a"}
+        for name, path in (("fwd-y", "tma"), ("bwd-dx", "tma-fused-g")):
             r = by_launch[name]
-            assert r["path"] == "tma" and r["kernel"] == "_persistent_gemm_kernel", (shape, name, r)
+            assert r["path"] == path and r["kernel"] == "_persistent_gemm_kernel", (shape, name, r)
             assert r["wgmma"] and r["tma"], (shape, name, r)
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["regs"] and r["regs"] <= 255, \
                 (shape, name, r)
@@ -50,7 +51,14 @@ def test_table_output_and_interpreter_refusal(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     lines = res.stdout.splitlines()
     assert lines[0].startswith("esta kernel report: sm_90, bfloat16")
-    assert sum(" vit_b_qkv " in f" {ln} " for ln in lines) == 6
+    assert sum(" vit_b_qkv " in f" {ln} " for ln in lines) == 5
+    # ESTA_TRITON_G=thin's launches: g by its own thin launch, then the plain dx
+    res = _inspect(tmp_path, "--shapes", "vit_b_qkv", "--g", "thin", "--json")
+    assert res.returncode == 0, res.stderr[-4000:]
+    launches = {r["launch"]: r for r in json.loads(res.stdout)["rows"]}
+    assert {"bwd-g", "bwd-dx"} <= set(launches) and launches["bwd-dx"]["path"] == "tma"
+    assert all(launches[n]["wgmma"] and launches[n]["tma"] and launches[n]["spill_stores"] == 0
+               for n in ("bwd-g", "bwd-dx")), launches
     env = dict(os.environ, TRITON_INTERPRET="1")
     bad = subprocess.run([sys.executable, "-m", "esta_kernels.inspect"], env=env, capture_output=True, text=True,
                          cwd=ROOT, timeout=120)

@@ -37,7 +37,7 @@ WORKERS = 2
 
 
 # ------------------------------------------------------------------------------ worker (subprocess) side
-def _op_launches(dtype_name: str, arch, M=8192, K=4096, N=4096, r=16, S=40, tag="", mode="thin"):
+def _op_launches(dtype_name: str, arch, M=8192, K=4096, N=4096, r=16, S=40, tag="", mode="thin", g_mode="fused"):
     """(label, Launch) of every launch of one forward and one backward with every feature on, planned for
     `arch` (None: the pointer kernels), for LoRA factors in x's dtype and, for 16-bit x, in float32 (master
     weights). Reductions and the thin GEMMs do not depend on the factors' dtype beyond the first pass."""
@@ -57,7 +57,7 @@ def _op_launches(dtype_name: str, arch, M=8192, K=4096, N=4096, r=16, S=40, tag=
         a, bb, sb = mk(r, K, dtype=ld), mk(N, r, dtype=ld), mk(S, N, dtype=ld)
         label = f"{dtype_name}/lora-{str(ld).replace('torch.', '')}{tag}"
         fwd = sl.plan_forward(x, w, b, a, bb, sb, ids, 2.0, arch=arch, mode=mode)
-        bwd = sl.plan_backward(dy, x, w, a, bb, fwd.xa, ids, S, 2.0, [True] * 4, arch=arch)
+        bwd = sl.plan_backward(dy, x, w, a, bb, fwd.xa, ids, S, 2.0, [True] * 4, arch=arch, mode=g_mode)
         for name, launch in fwd.launches + bwd.launches:
             if ld != dt and name.startswith(("dlora", "xa", "g")) and launch.role != "tma_thin":
                 continue  # the same launch as with factors in x's dtype (the reductions read x, dy, xa, g)
@@ -72,8 +72,8 @@ def _launches(dtype_name: str):
 
 def _hopper_launches():
     """The Hopper path's launches (sm_90 only), every config: the LLaMA shape at r = 16 (both 16-bit dtypes,
-    factors in x's dtype and float32) and at r = 256, the ViT-B shape, and the fused-xa variant's main
-    kernel."""
+    factors in x's dtype and float32) and at r = 256, the ViT-B shape, the fused-xa variant's main kernel,
+    and the thin-g variant's g and dx launches."""
     out = []
     for dtype_name in ("float16", "bfloat16"):
         out += _op_launches(dtype_name, 90, tag="/hopper")
@@ -81,6 +81,11 @@ def _hopper_launches():
     out += _op_launches("bfloat16", 90, M=3152, K=768, N=2304, r=8, S=35, tag="/hopper-vit_b")
     out += [(label, l) for label, l in _op_launches("bfloat16", 90, tag="/hopper-fused", mode="fused")
             if "fwd-y" in label]
+    # ESTA_TRITON_G=thin: g by a thin launch, then dx reading it through a descriptor (the default computes g
+    # in the dx launch's g jobs, above), at r = 16 and 256
+    for r in (16, 256):
+        out += [(label, l) for label, l in _op_launches("bfloat16", 90, r=r, tag=f"/hopper-thin-g-r{r}",
+                                                         g_mode="thin") if "bwd-g" in label or "bwd-dx" in label]
     return _dedupe(out)
 
 

@@ -20,9 +20,11 @@ if not torch.cuda.is_available():  # before triton is first imported (tests/conf
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 import esta_kernels  # noqa: E402
 from tests.helpers.inputs import grads_of, lowp_error, make_inputs, reference, reference_grads  # noqa: E402
+from esta_kernels.triton import hopper_gemm  # noqa: E402
 from esta_kernels.triton import stitched_linear as sl  # noqa: E402
 from esta_kernels.triton.stitched_linear import (  # noqa: E402
     triton_stitched_linear_backward,
@@ -210,6 +212,105 @@ def test_fused_xa_variant(device, dtype, r, monkeypatch, poison_empty):
     grad_y = torch.randn(70, 104, dtype=torch.float64).to(dtype).to(device)
     y, xa, grads = _run(inp, 0.5, grad_y)
     _check_all(inp, 0.5, grad_y, y, xa, grads, device, dtype)
+
+
+@triton.jit
+def _g_job_coords_of(out_ptr, num_pid_m, num_pid_n, g_chunks, GROUP_M: tl.constexpr, BLOCK: tl.constexpr):
+    """(is a g job, row block, column block or chunk) of every tile index of a G_JOBS launch, 3 int32s each."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    is_g, pm, px = hopper_gemm._g_job_coords(t, num_pid_m, num_pid_n, g_chunks, GROUP_M)
+    total = num_pid_m * (num_pid_n + g_chunks)
+    tl.store(out_ptr + 3 * t, is_g.to(tl.int32), mask=t < total)
+    tl.store(out_ptr + 3 * t + 1, pm, mask=t < total)
+    tl.store(out_ptr + 3 * t + 2, px, mask=t < total)
+
+
+@pytest.mark.parametrize("device,dtype", [CPU_F16, GPU_F16, GPU_BF16])
+@pytest.mark.parametrize("g_mode", ["fused", "thin"])
+@pytest.mark.parametrize("M,r", [(1, 1), (7, 3), (130, 20), (130, 33), (200, 1)])
+def test_g_in_dx_launch(device, dtype, g_mode, M, r, monkeypatch, poison_empty):
+    """ESTA_TRITON_G: "fused" (default) runs g = scale * dy @ B as g jobs of the dx launch on the Hopper path
+    (one launch reads dy for both), "thin" as a thin launch before dx. Ranks over several g chunks (the
+    interpreter's chunk is 16 wide), M over several row-block groups with a short last one; dx and every
+    gradient match the reference in both modes."""
+    if device == "cuda" and _gpu_arch() != 90:
+        pytest.skip("the Hopper path needs an sm_90 GPU")
+    monkeypatch.setenv("ESTA_TRITON_ARCH", "90")
+    monkeypatch.setenv("ESTA_TRITON_G", g_mode)
+    inp = make_inputs(M, 40, 104, r, 5, dtype=dtype, device=device, ids="rows", param_dtype=torch.float32)
+    x, w, b, a, bb, sb, ids = _op_args(inp)
+    dy = torch.randn(M, 104, dtype=torch.float64).to(dtype).to(device)
+    xa = torch.zeros(M, r, dtype=torch.float32, device=device)
+    plan = sl.plan_backward(dy, x, w, a, bb, xa, ids, 5, 0.5, [True] * 4, arch=90,
+                            interpreter=device == "cpu", mode=g_mode)
+    names = [name for name, _ in plan.launches]
+    if g_mode == "fused":
+        assert plan.path == "tma-fused-g" and names == ["dx", "dlora_b+dstitch", "dlora_a"]
+        assert plan.launches[0][1].meta["G_JOBS"]
+    else:
+        assert plan.path == "tma" and names == ["g", "dx", "dlora_b+dstitch", "dlora_a"]
+    y, xa, grads = _run(inp, 0.5, dy)
+    _check_all(inp, 0.5, dy, y, xa, grads, device, dtype)
+    # g is needed without dx too (d lora_a alone): then a thin launch computes it in either mode
+    plan = sl.plan_backward(dy, x, w, a, bb, xa, ids, 5, 0.5, [False, True, False, False], arch=90,
+                            interpreter=device == "cpu", mode=g_mode)
+    assert [name for name, _ in plan.launches] == ["g", "dlora_a"]
+    da = triton_stitched_linear_backward(dy, x, w, a, bb, xa, ids, 5, 0.5, [False, True, False, False])[1]
+    _check(da, reference_grads(inp, 0.5, dy)["lora_a"], rel=16 * EPS[dtype], what="d lora_a alone")
+
+
+def test_g_job_schedule_orders_every_wait():
+    """hopper_gemm._g_job_coords (run in the interpreter for every tile index): the linear tile order of a
+    G_JOBS launch lists each g job and each output tile exactly once, and every output tile comes after
+    all g jobs of its row block. Programs take tiles in increasing order and are all resident, so every
+    wait ends (the argument in the kernel's docstring rests on this order)."""
+    dev = "cuda" if CUDA else "cpu"
+    for num_pid_m, num_pid_n, g_chunks, group_m in [(1, 1, 1, 8), (5, 3, 2, 2), (7, 4, 1, 3), (64, 16, 2, 8),
+                                                    (25, 6, 3, 8), (3, 1, 4, 1)]:
+        total = num_pid_m * (num_pid_n + g_chunks)
+        out = torch.full((3 * total,), -1, dtype=torch.int32, device=dev)
+        _g_job_coords_of[(triton.cdiv(total, 64),)](out, num_pid_m, num_pid_n, g_chunks, GROUP_M=group_m, BLOCK=64)
+        rows = out.view(total, 3).tolist()
+        where = f"num_pid_m={num_pid_m} num_pid_n={num_pid_n} g_chunks={g_chunks} GROUP_M={group_m}"
+        g_jobs = {(m, c): t for t, (is_g, m, c) in enumerate(rows) if is_g}
+        tiles = {(m, n): t for t, (is_g, m, n) in enumerate(rows) if not is_g}
+        assert set(g_jobs) == {(m, c) for m in range(num_pid_m) for c in range(g_chunks)}, where
+        assert set(tiles) == {(m, n) for m in range(num_pid_m) for n in range(num_pid_n)}, where
+        assert len(g_jobs) + len(tiles) == total, where  # no index twice
+        for (m, n), t in tiles.items():
+            last_g = max(g_jobs[(m, c)] for c in range(g_chunks))
+            assert last_g < t, f"{where}: tile ({m}, {n}) at {t} before its g job at {last_g}"
+
+
+@pytest.mark.parametrize("device,dtype", [CPU_F16, GPU_F16, GPU_BF16])
+def test_g_jobs_wait_and_fallback(device, dtype, monkeypatch, poison_empty):
+    """The dx launch's tiles find their row block's g written by the g jobs (ready_ptr[0] stays 0: no tile
+    computed g itself). In the interpreter the launch runs as one program; run as three (which the
+    interpreter runs one after another, so tiles of the first find the g jobs of later ones missing) the
+    tiles that find g missing compute it themselves and say so in ready_ptr[0], and dx is still right."""
+    if device == "cuda" and _gpu_arch() != 90:
+        pytest.skip("the Hopper path needs an sm_90 GPU")
+    monkeypatch.setenv("ESTA_TRITON_ARCH", "90")
+    inp = make_inputs(130, 40, 104, 20, 5, dtype=dtype, device=device, ids="rows", param_dtype=torch.float32)
+    x, w, b, a, bb, sb, ids = _op_args(inp)
+    dy = torch.randn(130, 104, dtype=torch.float64).to(dtype).to(device)
+    ref_dx = reference_grads(inp, 0.5, dy)["x"]
+    lowp = _lowp(inp, 0.5, reference(inp, 0.5), dtype)
+    xa = torch.zeros(130, 20, device=device)
+    orders = [None] if device == "cuda" else [None, 3]
+    for num_sms in orders:
+        plan = sl.plan_backward(dy, x, w, a, bb, xa, ids, 5, 0.5, [True, False, False, False], arch=90,
+                                interpreter=device == "cpu")
+        (name, launch), = plan.launches
+        assert name == "dx" and launch.meta["G_JOBS"]
+        if device == "cpu":
+            assert launch.meta["NUM_SMS"] == 1 and launch.meta["MAX_POLLS"] == 0
+        if num_sms:
+            launch = launch._replace(meta={**launch.meta, "NUM_SMS": num_sms})
+        sl._launch(launch, x.device)
+        fell_back = int(launch.args["ready_ptr"][0])
+        assert fell_back == (1 if num_sms else 0), f"NUM_SMS={num_sms}: ready_ptr[0] = {fell_back}"
+        _check(plan.finish()[0], ref_dx, rel=8 * EPS[dtype], lowp_err=lowp, what=f"dx (NUM_SMS={num_sms})")
 
 
 F32_F16 = [CPU_F32, CPU_F16, GPU_F32, GPU_F16]
