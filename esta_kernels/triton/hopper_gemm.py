@@ -204,6 +204,11 @@ def _persistent_gemm_kernel(
                     # have all written, polling at most MAX_POLLS times
                     ready = tl.atomic_add(ready_ptr + 1 + pid_m, 0, sem="acquire", scope="gpu")
                     polls = 0
+                    # once any tile has given up waiting (some program is not resident), no tile polls
+                    # again: each computes what it finds missing at once, instead of each waiting out
+                    # the bound
+                    if tl.load(ready_ptr, volatile=True) != 0:
+                        polls = MAX_POLLS
                     while (ready < g_chunks) & (polls < MAX_POLLS):
                         ready = tl.atomic_add(ready_ptr + 1 + pid_m, 0, sem="acquire", scope="gpu")
                         polls += 1

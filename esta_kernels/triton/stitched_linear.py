@@ -341,7 +341,7 @@ def autotune_configs(role: str, family: str, tune: str) -> List[triton.Config]:
 _KERNELS = {"gemm": _stitched_gemm_kernel, "thin": _stitched_gemm_kernel, "reduce": _row_reduce_kernel,
             "tma": hopper_gemm._persistent_gemm_kernel, "tma_thin": hopper_gemm._persistent_gemm_kernel}
 _AUTOTUNE_KEYS = {"gemm": ["M_BUCKET", "N", "K"], "thin": ["M_BUCKET", "N", "K"],
-                  "reduce": ["M_BUCKET", "P", "Q", "S"], "tma": ["M_BUCKET", "N", "K"],
+                  "reduce": ["M_BUCKET", "P", "Q", "S"], "tma": ["M_BUCKET", "N", "K", "R"],
                   "tma_thin": ["M_BUCKET", "N", "K"]}
 
 
@@ -523,8 +523,9 @@ def plan_tma_gemm(a: Tensor, b: Tensor, out: Tensor, *, b_kmajor: bool, bias: Op
     # 227 KB with 128 x 256 tiles)
     block_r = _pad16(R) if fused else 16
     g_jobs = gb is not None
-    if g_jobs and (b_kmajor or fused or thin or ready is None or lo is None or R == 0):
-        raise ValueError("plan_tma_gemm: g jobs need b as (K, N), the g buffer `lo`, a rank > 0 and `ready`")
+    if g_jobs and (b_kmajor or fused or thin or ready is None or lo is None or up is None or R == 0):
+        raise ValueError("plan_tma_gemm: g jobs need b as (K, N), the g buffer `lo`, the factor `up`, a rank > 0 "
+                         "and `ready`")
     # the interpreter runs programs one after another: a G_JOBS launch runs as one program there (a later
     # program's g jobs would not have run when an earlier one's tile needs them), and never polls
     sms = (1 if g_jobs else _INTERPRETER_NUM_SMS) if interpreter else num_sms

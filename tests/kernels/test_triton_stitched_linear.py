@@ -282,6 +282,19 @@ def test_g_job_schedule_orders_every_wait():
             assert last_g < t, f"{where}: tile ({m}, {n}) at {t} before its g job at {last_g}"
 
 
+def test_g_jobs_configs():
+    """The dx launch's configs: a g chunk is never wider than a dx tile (a g job then does at most a tile's
+    main-loop work, the premise of the short waits), and no config warp-specializes or flattens the tile loop
+    (two kinds of tile under one runtime branch); the autotuner keys on the rank (the g jobs' work grows
+    with it)."""
+    configs = sl.autotune_configs("tma", "hopper", "gjobs")
+    assert configs
+    for cfg in configs:
+        assert sl.G_MAX_BLOCK <= cfg.kwargs["BLOCK_N"], cfg
+        assert not cfg.kwargs["WARP_SPECIALIZE"] and not cfg.kwargs["FLATTEN"], cfg
+    assert "R" in sl._AUTOTUNE_KEYS["tma"]
+
+
 @pytest.mark.parametrize("device,dtype", [CPU_F16, GPU_F16, GPU_BF16])
 def test_g_jobs_wait_and_fallback(device, dtype, monkeypatch, poison_empty):
     """The dx launch's tiles find their row block's g written by the g jobs (ready_ptr[0] stays 0: no tile
