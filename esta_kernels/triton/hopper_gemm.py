@@ -123,22 +123,19 @@ def _persistent_gemm_kernel(
                                            block_shape=[BLOCK_K, BLOCK_N])
     out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
                                          block_shape=[BLOCK_M, BLOCK_N])
-    if HAS_LORA and not FUSE_LO and not G_JOBS:
+    if HAS_LORA and not FUSE_LO:
         # the low-rank factors through descriptors too (float32 lo, 16-bit up in b's orientation): a
-        # warp-specialized loop takes only descriptor loads
-        lo_desc = tl.make_tensor_descriptor(lo_ptr, shape=[M, R], strides=[stride_lom, 1],
-                                            block_shape=[BLOCK_M, BLOCK_R])
+        # warp-specialized loop takes only descriptor loads. With G_JOBS lo is written by this launch's g
+        # jobs (generic stores from other programs) and read with pointer loads instead
+        if not G_JOBS:
+            lo_desc = tl.make_tensor_descriptor(lo_ptr, shape=[M, R], strides=[stride_lom, 1],
+                                                block_shape=[BLOCK_M, BLOCK_R])
         if B_KMAJOR:
             up_desc = tl.make_tensor_descriptor(up_ptr, shape=[N, R], strides=[stride_up, 1],
                                                 block_shape=[BLOCK_N, BLOCK_R])
         else:
             up_desc = tl.make_tensor_descriptor(up_ptr, shape=[R, N], strides=[stride_up, 1],
                                                 block_shape=[BLOCK_R, BLOCK_N])
-    if G_JOBS:
-        # lo is written by this launch's g jobs (generic stores from other programs): it is read with pointer
-        # loads, in the proxy it was written in; the factor still comes through a descriptor
-        up_desc = tl.make_tensor_descriptor(up_ptr, shape=[R, N], strides=[stride_up, 1],
-                                            block_shape=[BLOCK_R, BLOCK_N])
     offs_r = tl.arange(0, BLOCK_R)
     offs_kk = tl.arange(0, BLOCK_K)
 
@@ -199,30 +196,32 @@ def _persistent_gemm_kernel(
                     up = tl.load(up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
                                  mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
                     acc = tl.dot((lo_acc * lo_scale).to(dt), up.to(dt), acc)
-                elif G_JOBS:
-                    # wait (acquire at GPU scope, one thread, broadcast) until the g jobs of this row block
-                    # have all written, polling at most MAX_POLLS times
-                    ready = tl.atomic_add(ready_ptr + 1 + pid_m, 0, sem="acquire", scope="gpu")
-                    polls = 0
-                    # once any tile has given up waiting (some program is not resident), no tile polls
-                    # again: each computes what it finds missing at once, instead of each waiting out
-                    # the bound
-                    if tl.load(ready_ptr, volatile=True) != 0:
-                        polls = MAX_POLLS
-                    while (ready < g_chunks) & (polls < MAX_POLLS):
+                else:
+                    if G_JOBS:
+                        # wait (acquire at GPU scope, one thread, broadcast) until the g jobs of this row
+                        # block have all written, polling at most MAX_POLLS times; once any tile has given
+                        # up waiting (some program is not resident), no tile polls again
                         ready = tl.atomic_add(ready_ptr + 1 + pid_m, 0, sem="acquire", scope="gpu")
-                        polls += 1
-                    have_g = ready >= g_chunks
-                    # not there yet: this tile computes its row block's g itself (same values; no progress
-                    # then depends on other programs) and notes it in ready_ptr[0]
-                    tl.store(ready_ptr, 1, mask=ready < g_chunks)
-                    tl.debug_barrier()
+                        gave_up = tl.load(ready_ptr, volatile=True) != 0
+                        polls = tl.where(gave_up, MAX_POLLS, 0)
+                        while (ready < g_chunks) & (polls < MAX_POLLS):
+                            ready = tl.atomic_add(ready_ptr + 1 + pid_m, 0, sem="acquire", scope="gpu")
+                            polls += 1
+                        have_g = ready >= g_chunks
+                        # still missing: this tile computes its rows of g itself (the same sums; no progress
+                        # then depends on other programs) and notes it in ready_ptr[0]
+                        tl.store(ready_ptr, 1, mask=ready < g_chunks)
+                        tl.debug_barrier()
                     for r0 in range(0, R, BLOCK_R):
-                        rr = r0 + offs_r
-                        if have_g:
+                        if not G_JOBS:
+                            lo = lo_desc.load([off_m, r0])
+                        elif have_g:
+                            # g came from other programs' generic stores: plain loads, the same proxy
+                            rr = r0 + offs_r
                             lo = tl.load(lo_ptr + rows[:, None] * stride_lom + rr[None, :],
                                          mask=m_mask[:, None] & (rr < R)[None, :], other=0.0)
                         else:
+                            rr = r0 + offs_r
                             lo = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                             for ki in range(k_tiles):
                                 ks = ki * BLOCK_K + offs_kk
@@ -230,11 +229,6 @@ def _persistent_gemm_kernel(
                                              mask=(ks < K)[:, None] & (rr < R)[None, :], other=0.0)
                                 lo = tl.dot(a_desc.load([off_m, ki * BLOCK_K]), gb, lo)
                             lo = lo * g_scale
-                        up = up_desc.load([r0, off_n])
-                        acc = tl.dot((lo * lo_scale).to(dt), up, acc)
-                else:
-                    for r0 in range(0, R, BLOCK_R):
-                        lo = lo_desc.load([off_m, r0])
                         if B_KMAJOR:
                             up = up_desc.load([off_n, r0])
                             acc = tl.dot((lo * lo_scale).to(dt), up.T, acc)

@@ -734,25 +734,21 @@ def plan_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Optional[Tensor
     # mode "fused": on the Hopper path the dx launch writes g as well (its g jobs), when dx is wanted
     g_in_dx = bool(r) and use_tma and need_dx and K > 0 and mode == "fused"
     if r and (need_dx or need_da):
-        g = _rank_buffer(M, r, dev)
-        if g_in_dx:
-            pass
-        elif use_tma:
+        g = _rank_buffer(M, r, dev)  # with g_in_dx, written by the dx launch's g jobs
+        if use_tma and not g_in_dx:
             launches.append(("g", plan_tma_gemm(dy, _lowp_factor(lora_b, dy.dtype), g, b_kmajor=False,
                                                 main_scale=scale, thin=True, interpreter=interpreter,
                                                 num_sms=num_sms)))
-        else:
+        elif not use_tma:
             launches.append(("g", plan_gemm(dy, lora_b, g, main_scale=scale, thin=True, interpreter=interpreter)))
     if need_dx and K:
-        if g_in_dx:
-            launches.append(("dx", plan_tma_gemm(dy, weight, dx, b_kmajor=False, lo=g,
-                                                 up=_lowp_factor(lora_a, dy.dtype),
-                                                 gb=_lowp_factor(lora_b, dy.dtype), ready=g_ready_buffer(M, dev),
-                                                 g_scale=scale, interpreter=interpreter, num_sms=num_sms)))
-        elif use_tma:
-            launches.append(("dx", plan_tma_gemm(dy, weight, dx, b_kmajor=False, lo=g,
-                                                 up=_lowp_factor(lora_a, dy.dtype) if r else None,
-                                                 interpreter=interpreter, num_sms=num_sms)))
+        if use_tma:
+            # with g_in_dx the launch's g jobs compute g (gb, ready); else it reads the thin launch's
+            launches.append(("dx", plan_tma_gemm(
+                dy, weight, dx, b_kmajor=False, lo=g, up=_lowp_factor(lora_a, dy.dtype) if r else None,
+                gb=_lowp_factor(lora_b, dy.dtype) if g_in_dx else None,
+                ready=g_ready_buffer(M, dev) if g_in_dx else None, g_scale=scale,
+                interpreter=interpreter, num_sms=num_sms)))
         else:
             launches.append(("dx", plan_gemm(dy, weight, dx, xa=g, up=lora_a if r else None,
                                              interpreter=interpreter)))

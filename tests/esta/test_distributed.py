@@ -27,7 +27,7 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install to
 from tests.helpers.models import record_grads, tiny_model  # noqa: E402
 
 from tests.helpers import ROOT  # noqa: E402
-from tests.helpers.ranks import launch_ranks  # noqa: E402
+from tests.helpers.ranks import launch_ranks, publish_result  # noqa: E402
 WORLD = 2
 STEPS = 6
 PER_RANK = 4          # batch_size per rank; the global batch is PER_RANK * WORLD = 8
@@ -103,9 +103,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         finally:
             dist.all_reduce = all_reduce
         result["python_all_reduces"] = len(calls)
-        torch.save(result, out + ".tmp")
-        os.replace(out + ".tmp", out)
-        dist.barrier()
+        publish_result(result, out)
     finally:
         dist.destroy_process_group()
 

@@ -21,7 +21,7 @@ from esta.train import Trainer, TrainConfig
 transformers = pytest.importorskip("transformers", reason="decoder anchors need transformers")
 
 from tests.helpers import ROOT  # noqa: E402
-from tests.helpers.ranks import launch_ranks  # noqa: E402
+from tests.helpers.ranks import launch_ranks, publish_result  # noqa: E402
 WORLD = 2
 STEPS = 5
 PER_RANK = 4
@@ -97,9 +97,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         result = _run(trainer, full)
         result["sharded"] = sharded
         trainer.save(out + ".ckpt")
-        torch.save(result, out + ".tmp")
-        os.replace(out + ".tmp", out)
-        dist.barrier()
+        publish_result(result, out)
     finally:
         dist.destroy_process_group()
 

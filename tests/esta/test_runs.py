@@ -21,7 +21,7 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install to
 pytest.importorskip("sklearn", reason="the builtin digits data needs scikit-learn")
 
 from tests.helpers import ROOT  # noqa: E402
-from tests.helpers.config_keys import bad_value_cases, set_key, snapshot as _snapshot  # noqa: E402
+from tests.helpers.config_keys import bad_value_cases, set_key, snapshot as _snapshot, with_overrides  # noqa: E402
 
 
 def _anchor(d):
@@ -34,12 +34,7 @@ def _config(**over):
               "train": {"epochs": 2, "batch_size": 256, "warmup_epochs": 0.5, "sampler_warmup_epochs": 0.5,
                         "num_intervals": 3, "calibration_images": 40},
               "evaluate": {"all": True, "batch_size": 512}, "device": "cpu"}
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    return config
+    return with_overrides(config, over)
 
 
 def _write(tmp_path, config, name="config.json"):

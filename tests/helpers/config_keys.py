@@ -1,5 +1,16 @@
-"""Config and run-directory tests: one dotted key of a config set, bad-value cases, run-directory snapshots."""
+"""Config and run-directory tests: overrides, one dotted key of a config set, bad-value cases, run-directory
+snapshots."""
 import pytest
+
+
+def with_overrides(config: dict, over: dict) -> dict:
+    """config with each top-level key of `over` replaced, or merged one level deep where both are sections."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
 
 
 def set_key(config: dict, path: str, value) -> dict:

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from tests.helpers.config_keys import with_overrides
+
 VOCAB = 400
 
 
@@ -65,9 +67,4 @@ def lm_config(family, **over):
               "train": {"epochs": 1, "batch_size": 24, "base_lr": 0.05, "weight_decay": 0.0, "warmup_epochs": 0.5,
                         "sampler_warmup_epochs": 0.5, "num_intervals": 3, "calibration_images": 16},
               "evaluate": {"generate_examples": 8, "max_new_tokens": 4, "batch_size": 32}, "device": "cpu"}
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    return config
+    return with_overrides(config, over)

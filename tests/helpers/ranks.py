@@ -38,3 +38,13 @@ def launch_ranks(module: str, tmp_path, world: int, timeout: float, what: str = 
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-6000:]}"
     return [torch.load(o, weights_only=False) for o in outs], outs
+
+
+def publish_result(result, out: str) -> None:
+    """Inside a rank: saves `result` to `out` atomically (what launch_ranks reads back), then waits for every
+    rank, so no rank tears the process group down while another still saves."""
+    import torch.distributed as dist
+
+    torch.save(result, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    dist.barrier()

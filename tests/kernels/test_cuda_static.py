@@ -33,26 +33,27 @@ def _expects(arch: str) -> bool:
     return arch in os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 
-@pytest.fixture(scope="module")
-def hopper_report():
+def _report(sm: str, asked: str, arch: int):
+    """cuda_kernel_report(arch) of the built extension; a failure when TORCH_CUDA_ARCH_LIST asked for `asked`
+    but the build holds no `sm` code, a skip when it was not asked for."""
     _require_cuda_build()
     archs = built_archs()
-    if "sm_90a" not in archs:
-        if ASKED and _expects("9.0"):
-            pytest.fail(f"TORCH_CUDA_ARCH_LIST asks for 9.0 but the extension holds code for {archs} only, not sm_90a")
-        pytest.skip(f"the extension was built for {archs}: no Hopper kernels to inspect")
-    return cuda_kernel_report(90)
+    if sm not in archs:
+        if ASKED and _expects(asked):
+            pytest.fail(f"TORCH_CUDA_ARCH_LIST asks for {asked} but the extension holds code for {archs} only, "
+                        f"not {sm}")
+        pytest.skip(f"the extension was built for {archs}: no {sm} code to inspect")
+    return cuda_kernel_report(arch)
+
+
+@pytest.fixture(scope="module")
+def hopper_report():
+    return _report("sm_90a", "9.0", 90)
 
 
 @pytest.fixture(scope="module")
 def ampere_report():
-    _require_cuda_build()
-    archs = built_archs()
-    if "sm_80" not in archs:
-        if ASKED and _expects("8.0"):
-            pytest.fail(f"TORCH_CUDA_ARCH_LIST asks for 8.0 but the extension holds code for {archs} only")
-        pytest.skip(f"the extension was built for {archs}: no sm_80 code to inspect")
-    return cuda_kernel_report(80)
+    return _report("sm_80", "8.0", 80)
 
 
 def _describe(k):
